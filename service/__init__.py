@@ -1,0 +1,1 @@
+"""The unlearning service's gateway: HTTP API, domain, persistence. Never imports torch."""

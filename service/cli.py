@@ -1,0 +1,171 @@
+"""`unlearn`: the one command line for every role (API, dispatcher, migrations, keys)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from service.access.scopes import ALL_SCOPES, DEFAULT_CLIENT_SCOPES
+from service.config import get_settings
+
+app = typer.Typer(
+    help="Unlearning service: erasure requests in, audited LoRA adapters out.", no_args_is_help=True
+)
+keys_app = typer.Typer(help="API keys and the data-encryption key.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+console = Console()
+
+
+def _alembic_config():  # type: ignore[no-untyped-def]
+    from alembic.config import Config
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = Config(str(root / "alembic.ini"))
+    cfg.set_main_option("script_location", str(root / "migrations"))
+    return cfg
+
+
+def run_migrations() -> None:
+    from alembic import command
+
+    command.upgrade(_alembic_config(), "head")
+
+
+@app.command()
+def migrate(
+    bootstrap_admin: Annotated[
+        bool, typer.Option(help="mint the first admin key if no admin key exists yet")
+    ] = True,
+) -> None:
+    """Upgrade the database to the newest schema; on first setup, mint an admin key."""
+    from service.access import service as access
+    from service.db import session_scope
+
+    run_migrations()
+    console.print(f"[green]database at head[/] ({_redacted(get_settings().database_url)})")
+    if not bootstrap_admin:
+        return
+    with session_scope() as session:
+        if access.any_admin_key(session):
+            return
+        minted = access.mint_key(
+            session, tenant_name="admin", scopes=ALL_SCOPES, name="bootstrap admin"
+        )
+    console.print("[bold]First admin key (shown once, store it now):[/]")
+    typer.echo(minted.token)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="tenant name; created if new")],
+    scope: Annotated[
+        list[str] | None,
+        typer.Option("--scope", "-s", help=f"repeatable; one of {ALL_SCOPES}"),
+    ] = None,
+    name: Annotated[str, typer.Option(help="a label for this key")] = "cli",
+) -> None:
+    """Mint an API key for a tenant and print it once (only its hash is stored)."""
+    from service.access import service as access
+    from service.db import session_scope
+
+    try:
+        with session_scope() as session:
+            minted = access.mint_key(
+                session, tenant_name=tenant, scopes=scope or DEFAULT_CLIENT_SCOPES, name=name
+            )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    console.print(
+        f"key [bold]{minted.key_id}[/] for tenant {minted.tenant_name}, "
+        f"scopes {', '.join(minted.scopes)}",
+        highlight=False,
+    )
+    typer.echo(minted.token)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke an API key by its id (the part after `ulk_`)."""
+    from service.access import service as access
+    from service.db import session_scope
+
+    with session_scope() as session:
+        done = access.revoke_key(session, key_id=key_id)
+    if not done:
+        raise typer.BadParameter(f"no active key {key_id!r}")
+    console.print(f"revoked {key_id}")
+
+
+@keys_app.command("gen-data-key")
+def keys_gen_data_key() -> None:
+    """Print a new DATA_ENCRYPTION_KEY (32 random bytes, url-safe base64)."""
+    typer.echo(base64.urlsafe_b64encode(os.urandom(32)).decode())
+
+
+@app.command()
+def api(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+) -> None:
+    """Serve the HTTP API with uvicorn."""
+    import uvicorn
+
+    uvicorn.run(
+        "service.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=get_settings().log_level.lower(),
+    )
+
+
+@app.command()
+def dispatcher(
+    once: Annotated[bool, typer.Option(help="run one tick and exit")] = False,
+) -> None:
+    """Batch pending requests into jobs, send them to workers, reap, purge."""
+    from service import dispatcher as disp
+    from service.logs import configure
+
+    settings = get_settings()
+    configure(settings.log_level, settings.log_json)
+    if once:
+        report = disp.tick()
+        console.print(report)
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    disp.run_forever(stop)
+
+
+@app.command("verify-trail")
+def verify_trail() -> None:
+    """Recompute the audit trail's hash chain; exit 1 at the first broken link."""
+    from service.db import session_scope
+    from service.trail import service as trail
+
+    with session_scope() as session:
+        result = trail.verify(session)
+    console.print(result)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+def _redacted(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,110 @@
+"""All settings in one place, read from the environment (and `.env`) by pydantic-settings.
+
+Development defaults need no external service: SQLite and a SQLite-backed kombu
+transport under ./var. Production refuses to start without an encryption key and
+with an embedded database.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+VAR_DIR = Path("var")
+
+# A fixed key so that development databases stay readable across restarts. Never used
+# when ENVIRONMENT=production (the validator below refuses to start without a real one).
+_DEV_KEY = base64.urlsafe_b64encode(b"unlearn-development-key-32bytes!").decode()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+
+    database_url: str = Field(
+        default=f"sqlite:///{VAR_DIR / 'unlearn.sqlite'}",
+        description="SQLAlchemy URL. PostgreSQL in production (postgresql+psycopg://...).",
+    )
+    broker_url: str = Field(
+        default=f"sqla+sqlite:///{VAR_DIR / 'broker.sqlite'}",
+        description="Celery broker. Redis in production; kombu's SQLAlchemy transport embedded.",
+    )
+    artifact_root: Path = Field(default=VAR_DIR / "artifacts")
+
+    data_encryption_key: str | None = Field(
+        default=None,
+        description="base64 (url-safe) of 32 random bytes: AES-256-GCM key for forget data "
+        "and HMAC key for subject references. `unlearn keys gen-data-key` prints one.",
+    )
+
+    # Batching: a model's pending requests become one job once the oldest has waited
+    # `batch_window_seconds` or `batch_max_requests` are pending, whichever comes first.
+    batch_window_seconds: float = Field(default=30.0, ge=0)
+    batch_max_requests: int = Field(default=16, ge=1)
+    dispatch_interval_seconds: float = Field(default=2.0, gt=0)
+    # A job enqueued but not claimed after this long is sent again (a broker without
+    # persistence can lose a message; a duplicate is harmless, claiming is idempotent).
+    enqueue_resend_seconds: float = Field(default=600.0, gt=0)
+
+    # The reaper: a running job whose last heartbeat is older than this is presumed dead.
+    heartbeat_timeout_seconds: float = Field(default=300.0, gt=0)
+    job_max_attempts: int = Field(default=3, ge=1)
+
+    # Raw forget items are purged this long after the adapter that covers them passed
+    # its audit and was published (see docs/design.md, "Retention").
+    retention_days: float = Field(default=30.0, ge=0)
+
+    # Intake limits.
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_items_per_request: int = Field(default=500, ge=1)
+    max_holdout_items: int = Field(default=500, ge=0)
+    max_item_bytes: int = Field(default=8_192, ge=16)
+    max_retain_items: int = Field(default=5_000, ge=0)
+
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @field_validator("data_encryption_key")
+    @classmethod
+    def _key_is_32_bytes(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            raw = base64.urlsafe_b64decode(value.encode())
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("DATA_ENCRYPTION_KEY must be url-safe base64") from exc
+        if len(raw) != 32:
+            raise ValueError("DATA_ENCRYPTION_KEY must decode to exactly 32 bytes")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.environment == "production":
+            if not self.data_encryption_key:
+                raise ValueError(
+                    "ENVIRONMENT=production needs DATA_ENCRYPTION_KEY "
+                    "(generate one with `unlearn keys gen-data-key`)"
+                )
+            if self.database_url.startswith("sqlite"):
+                raise ValueError("ENVIRONMENT=production needs a PostgreSQL DATABASE_URL")
+        return self
+
+    @property
+    def encryption_key_bytes(self) -> bytes:
+        return base64.urlsafe_b64decode((self.data_encryption_key or _DEV_KEY).encode())
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,87 @@
+"""Typed dependencies: a database session, the authenticated principal, scope checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from service.access import service as access
+from service.access.scopes import Scope
+from service.db import get_sessionmaker
+from service.errors import Problem
+
+
+def get_session() -> Iterator[Session]:
+    session = get_sessionmaker()()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def _token(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        return value.strip() if scheme.lower() == "bearer" else None
+    return request.headers.get("x-api-key")
+
+
+def get_principal(request: Request, session: SessionDep) -> access.Principal:
+    token = _token(request)
+    challenge = {"WWW-Authenticate": 'Bearer realm="unlearn"'}
+    if not token:
+        raise Problem(
+            401,
+            "unauthenticated",
+            "Authentication required",
+            "send an API key as 'Authorization: Bearer ulk_...' (mint one with "
+            "`unlearn keys create`)",
+            headers=challenge,
+        )
+    principal = access.authenticate(session, token)
+    if principal is None:
+        raise Problem(
+            401,
+            "invalid-key",
+            "Invalid API key",
+            "the API key is unknown, malformed or revoked",
+            headers=challenge,
+        )
+    return principal
+
+
+PrincipalDep = Annotated[access.Principal, Depends(get_principal)]
+
+
+def require(scope: Scope) -> Callable[[access.Principal], access.Principal]:
+    def _check(principal: PrincipalDep) -> access.Principal:
+        if not principal.has(scope):
+            raise Problem(
+                403,
+                "missing-scope",
+                "Missing scope",
+                f"this API key lacks the '{scope.value}' scope; ask an admin for a key with it",
+                required_scope=scope.value,
+            )
+        return principal
+
+    return _check
+
+
+def require_json(request: Request) -> None:
+    ctype = request.headers.get("content-type", "")
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise Problem(
+            415,
+            "unsupported-media-type",
+            "Unsupported media type",
+            f"send the body as application/json (got {media or 'no Content-Type'})",
+        )

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+
+from service.access.scopes import Scope
+from service.access.service import Principal
+from service.deps import SessionDep, require, require_json
+from service.erasure_requests import service
+from service.erasure_requests.models import ErasureRequest
+from service.erasure_requests.schemas import (
+    ErasureRequestCreate,
+    ErasureRequestOut,
+    ErasureRequestPage,
+    ItemDigests,
+)
+from service.errors import Problem
+from service.models_registry.models import RegisteredModel
+from service.states import RequestStatus
+
+router = APIRouter(prefix="/v1/erasure-requests", tags=["erasure requests"])
+Writer = Annotated[Principal, Depends(require(Scope.REQUESTS_WRITE))]
+Reader = Annotated[Principal, Depends(require(Scope.REQUESTS_READ))]
+
+
+def to_out(req: ErasureRequest, model_name: str) -> ErasureRequestOut:
+    base = f"/v1/erasure-requests/{req.id}"
+    links = {"self": base, "model": f"/v1/models/{model_name}"}
+    if RequestStatus(req.status) in (RequestStatus.RECEIVED, RequestStatus.QUEUED):
+        links["cancel"] = f"{base}/cancel"
+    if req.job_id:
+        links["job"] = f"/v1/jobs/{req.job_id}"
+    return ErasureRequestOut(
+        id=req.id,
+        status=req.status,
+        status_reason=req.status_reason,
+        model=model_name,
+        subject_ref=service.subject_ref(req),
+        item_count=req.item_count,
+        holdout_count=req.holdout_count,
+        item_digests=ItemDigests(
+            salt=req.item_salt, items=req.item_hashes, holdout=req.holdout_hashes
+        ),
+        method=req.method_override,
+        received_at=req.received_at,
+        due_at=req.due_at,
+        queued_at=req.queued_at,
+        started_at=req.started_at,
+        finished_at=req.finished_at,
+        job_id=req.job_id,
+        adapter_version=req.adapter_version,
+        data_purged_at=req.data_purged_at,
+        links=links,
+    )
+
+
+def _out(session: SessionDep, req: ErasureRequest) -> ErasureRequestOut:
+    model = session.get(RegisteredModel, req.model_id)
+    return to_out(req, model.name if model else req.model_id)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ErasureRequestOut,
+    dependencies=[Depends(require_json)],
+    summary="Submit an erasure request (idempotent per Idempotency-Key)",
+    responses={
+        409: {"description": "same key still being written"},
+        422: {"description": "invalid body, or key reused with another body"},
+    },
+)
+def submit(
+    body: ErasureRequestCreate,
+    session: SessionDep,
+    principal: Writer,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+) -> ErasureRequestOut:
+    if not idempotency_key or not idempotency_key.strip():
+        raise Problem(
+            400,
+            "idempotency-key-required",
+            "Idempotency-Key required",
+            "send an Idempotency-Key header (a fresh UUID per request) so that a retry "
+            "never files the same erasure twice",
+        )
+    result = service.submit(
+        session, principal=principal, body=body, idempotency_key=idempotency_key.strip()
+    )
+    out = _out(session, result.request)
+    session.commit()
+    response.headers["Location"] = out.links["self"]
+    if not result.created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return out
+
+
+@router.get("", response_model=ErasureRequestPage, summary="List your erasure requests")
+def list_requests(
+    session: SessionDep,
+    principal: Reader,
+    status_: Annotated[RequestStatus | None, Query(alias="status")] = None,
+    model: str | None = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> ErasureRequestPage:
+    rows, next_cursor = service.list_for(
+        session, principal=principal, status=status_, model=model, cursor=cursor, limit=limit
+    )
+    names = {m.id: m.name for m in session.query(RegisteredModel).all()} if rows else {}
+    return ErasureRequestPage(
+        items=[to_out(r, names.get(r.model_id, r.model_id)) for r in rows],
+        next_cursor=next_cursor,
+    )
+
+
+@router.get(
+    "/{request_id}",
+    response_model=ErasureRequestOut,
+    summary="One erasure request (ETag; If-None-Match gives 304)",
+    responses={304: {"description": "not modified"}},
+)
+def get_request(
+    request_id: str, request: Request, session: SessionDep, principal: Reader
+) -> Response:
+    out = _out(session, service.get_for(session, principal=principal, request_id=request_id))
+    body = out.model_dump_json().encode()
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+    inm = request.headers.get("if-none-match", "")
+    if etag in [t.strip().removeprefix("W/") for t in inm.split(",")] or inm.strip() == "*":
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+@router.post(
+    "/{request_id}/cancel",
+    response_model=ErasureRequestOut,
+    summary="Cancel a request before training starts (409 afterwards)",
+)
+def cancel(request_id: str, session: SessionDep, principal: Writer) -> ErasureRequestOut:
+    req = service.cancel(session, principal=principal, request_id=request_id)
+    out = _out(session, req)
+    session.commit()
+    return out

@@ -1,0 +1,330 @@
+"""Erasure requests: intake, reading, cancelling, status changes, purging.
+
+Functions take keyword-only arguments and never commit; the caller owns the
+transaction, so a request row, its ciphertexts and its trail event land together or
+not at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from dateutil.relativedelta import relativedelta
+from sqlalchemy import and_, or_, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.access.service import Principal
+from service.config import get_settings
+from service.crypto import canonical_json, get_cipher, salted_item_hashes, sha256_hex
+from service.db import new_id, utcnow
+from service.erasure_requests.models import ErasureRequest
+from service.erasure_requests.schemas import ErasureRequestCreate
+from service.errors import Problem, not_found
+from service.limits import check_count, check_item_bytes
+from service.models_registry import service as registry
+from service.states import REQUEST_CANCELABLE, RequestStatus
+from service.trail import service as trail
+
+R = RequestStatus
+# Raw data has no further purpose once a request is withdrawn or refused.
+_PURGE_AT_ONCE = frozenset({R.CANCELED, R.REJECTED})
+
+
+@dataclass
+class Submission:
+    request: ErasureRequest
+    created: bool
+
+
+def _idempotency_lock(session: Session, tenant_id: str, key: str) -> None:
+    """On PostgreSQL, a second writer with the same key while the first transaction is
+    open gets 409 instead of waiting. SQLite serialises writers with BEGIN IMMEDIATE."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    got = session.scalar(
+        text("SELECT pg_try_advisory_xact_lock(hashtext(:t), hashtext(:k))"),
+        {"t": tenant_id, "k": key},
+    )
+    if not got:
+        raise Problem(
+            409,
+            "idempotency-in-progress",
+            "Request in progress",
+            "a request with this Idempotency-Key is still being written; retry shortly",
+            headers={"Retry-After": "1"},
+        )
+
+
+def _find_by_key(session: Session, tenant_id: str, key: str) -> ErasureRequest | None:
+    return session.scalar(
+        select(ErasureRequest).where(
+            ErasureRequest.tenant_id == tenant_id, ErasureRequest.idempotency_key == key
+        )
+    )
+
+
+def _replay(existing: ErasureRequest, body_hmac: str) -> Submission:
+    if existing.body_hmac != body_hmac:
+        raise Problem(
+            422,
+            "idempotency-key-reused",
+            "Idempotency-Key reused",
+            "this Idempotency-Key was already used with a different body; use a new key "
+            "for a new request",
+            existing_request=existing.id,
+        )
+    return Submission(existing, created=False)
+
+
+def submit(
+    session: Session, *, principal: Principal, body: ErasureRequestCreate, idempotency_key: str
+) -> Submission:
+    settings = get_settings()
+    check_count("items", len(body.items), settings.max_items_per_request, "MAX_ITEMS_PER_REQUEST")
+    check_count("holdout", len(body.holdout), settings.max_holdout_items, "MAX_HOLDOUT_ITEMS")
+    check_item_bytes("items", body.items, settings.max_item_bytes)
+    check_item_bytes("holdout", body.holdout, settings.max_item_bytes)
+
+    cipher = get_cipher()
+    body_hmac = cipher.keyed_hash(canonical_json(body.model_dump(mode="json")).decode())
+    _idempotency_lock(session, principal.tenant_id, idempotency_key)
+    existing = _find_by_key(session, principal.tenant_id, idempotency_key)
+    if existing is not None:
+        return _replay(existing, body_hmac)
+
+    model = registry.get_by_name(session, body.model)
+    request_id, now = new_id(), utcnow()
+    items = [i.plain() for i in body.items]
+    holdout = [i.plain() for i in body.holdout]
+    salt = os.urandom(16)
+    method = body.method.model_dump() if body.method else None
+    kinds = {i.kind for i in body.items}
+    req = ErasureRequest(
+        id=request_id,
+        tenant_id=principal.tenant_id,
+        model_id=model.id,
+        status=R.RECEIVED.value,
+        idempotency_key=idempotency_key,
+        body_hmac=body_hmac,
+        subject_ref_hmac=cipher.keyed_hash(body.subject_ref),
+        subject_ref_ciphertext=cipher.encrypt(
+            body.subject_ref.encode(), bound_to=f"{request_id}/subject"
+        ),
+        items_ciphertext=cipher.encrypt_json(items, bound_to=f"{request_id}/items"),
+        holdout_ciphertext=cipher.encrypt_json(holdout, bound_to=f"{request_id}/holdout"),
+        item_kind=kinds.pop() if len(kinds) == 1 else "mixed",
+        item_count=len(items),
+        holdout_count=len(holdout),
+        item_salt=salt.hex(),
+        item_hashes=salted_item_hashes(items, salt),
+        holdout_hashes=salted_item_hashes(holdout, salt),
+        method_override=method,
+        method_key=sha256_hex(canonical_json(method)) if method else "default",
+        received_at=now,
+        due_at=now + relativedelta(months=1),  # GDPR Art. 12(3): one month
+    )
+    session.add(req)
+    try:
+        session.flush()
+    except IntegrityError:  # same key committed between our check and insert
+        session.rollback()
+        existing = _find_by_key(session, principal.tenant_id, idempotency_key)
+        if existing is None:
+            raise
+        return _replay(existing, body_hmac)
+    trail.record(
+        session,
+        actor=principal.key_id,
+        tenant_id=principal.tenant_id,
+        event_type="erasure_request.received",
+        object_type="erasure_request",
+        object_id=request_id,
+        details={
+            "model": model.name,
+            "subject": req.subject_ref_hmac,
+            "items": req.item_count,
+            "holdout": req.holdout_count,
+            "to": R.RECEIVED.value,
+        },
+    )
+    return Submission(req, created=True)
+
+
+def get_for(session: Session, *, principal: Principal, request_id: str) -> ErasureRequest:
+    req = session.get(ErasureRequest, request_id)
+    # Another tenant's request is indistinguishable from a missing one.
+    if req is None or (req.tenant_id != principal.tenant_id and not principal.is_admin):
+        raise not_found("erasure request", request_id)
+    return req
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        at, rid = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return datetime.fromisoformat(at), str(rid)
+    except (ValueError, TypeError) as exc:
+        raise Problem(
+            400,
+            "invalid-cursor",
+            "Invalid cursor",
+            "cursor is not one this API returned; start again without it",
+        ) from exc
+
+
+def encode_cursor(req: ErasureRequest) -> str:
+    raw = json.dumps([req.received_at.isoformat(), req.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def list_for(
+    session: Session,
+    *,
+    principal: Principal,
+    status: RequestStatus | None,
+    model: str | None,
+    cursor: str | None,
+    limit: int,
+) -> tuple[list[ErasureRequest], str | None]:
+    """Newest first, keyset-paginated on (received_at, id): stable under inserts."""
+    q = select(ErasureRequest)
+    if not principal.is_admin:
+        q = q.where(ErasureRequest.tenant_id == principal.tenant_id)
+    if status is not None:
+        q = q.where(ErasureRequest.status == status.value)
+    if model is not None:
+        q = q.where(ErasureRequest.model_id == registry.get_by_name(session, model).id)
+    if cursor:
+        at, rid = decode_cursor(cursor)
+        q = q.where(
+            or_(
+                ErasureRequest.received_at < at,
+                and_(ErasureRequest.received_at == at, ErasureRequest.id < rid),
+            )
+        )
+    rows = list(
+        session.scalars(
+            q.order_by(ErasureRequest.received_at.desc(), ErasureRequest.id.desc()).limit(limit + 1)
+        )
+    )
+    page, more = rows[:limit], len(rows) > limit
+    return page, encode_cursor(page[-1]) if more and page else None
+
+
+def set_status(
+    session: Session,
+    req: ErasureRequest,
+    to: RequestStatus,
+    *,
+    actor: str,
+    reason: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """The only way code changes a request's status: the model guard refuses illegal
+    moves, timestamps follow, and the change is an event in the trail."""
+    before = req.status
+    if before == to.value:
+        return
+    req.status = to.value
+    now = utcnow()
+    if to is R.QUEUED and req.queued_at is None:
+        req.queued_at = now
+    if to is R.RUNNING and req.started_at is None:
+        req.started_at = now
+    if to in (R.COMPLETED, R.FAILED, R.CANCELED, R.REJECTED):
+        req.finished_at = now
+    if reason is not None:
+        req.status_reason = reason[:1000]
+    trail.record(
+        session,
+        actor=actor,
+        tenant_id=req.tenant_id,
+        event_type=f"erasure_request.{to.value}",
+        object_type="erasure_request",
+        object_id=req.id,
+        details={"from": before, "to": to.value, **(extra or {})},
+    )
+    if to in _PURGE_AT_ONCE:
+        purge_data(session, req, actor=actor, why=f"request {to.value}")
+
+
+def cancel(session: Session, *, principal: Principal, request_id: str) -> ErasureRequest:
+    req = get_for(session, principal=principal, request_id=request_id)
+    if session.get_bind().dialect.name == "postgresql":
+        session.refresh(req, with_for_update=True)  # a dispatcher may be claiming it
+    if RequestStatus(req.status) not in REQUEST_CANCELABLE:
+        raise Problem(
+            409,
+            "not-cancelable",
+            "Request can no longer be canceled",
+            f"the request is {req.status}; only received or queued requests (before "
+            "training starts) can be canceled",
+            status_now=req.status,
+        )
+    job_id = req.job_id
+    set_status(session, req, R.CANCELED, actor=principal.key_id, reason="canceled by client")
+    if job_id is not None:
+        from service.jobs import service as jobs  # jobs imports this module
+
+        jobs.cancel_if_empty(session, job_id=job_id, actor=principal.key_id)
+    return req
+
+
+def purge_data(session: Session, req: ErasureRequest, *, actor: str, why: str) -> None:
+    if req.data_purged_at is not None:
+        return
+    req.items_ciphertext = None
+    req.holdout_ciphertext = None
+    req.data_purged_at = utcnow()
+    trail.record(
+        session,
+        actor=actor,
+        tenant_id=req.tenant_id,
+        event_type="erasure_request.data_purged",
+        object_type="erasure_request",
+        object_id=req.id,
+        details={"why": why},
+    )
+
+
+def purge_due(session: Session, *, now: datetime | None = None, actor: str = "purger") -> int:
+    """Purge raw items of completed and failed requests older than the retention period."""
+    cutoff = (now or utcnow()) - timedelta(days=get_settings().retention_days)
+    q = (
+        select(ErasureRequest)
+        .where(
+            ErasureRequest.status.in_([R.COMPLETED.value, R.FAILED.value]),
+            ErasureRequest.data_purged_at.is_(None),
+            ErasureRequest.finished_at <= cutoff,
+        )
+        .limit(500)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        q = q.with_for_update(skip_locked=True)
+    rows = list(session.scalars(q))
+    for req in rows:
+        purge_data(session, req, actor=actor, why="retention period elapsed")
+    return len(rows)
+
+
+def decrypt_items(req: ErasureRequest) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Forget and holdout items in the clear, for the worker only; empty after purge."""
+    if req.items_ciphertext is None:
+        return [], []
+    cipher = get_cipher()
+    items = cipher.decrypt_json(req.items_ciphertext, bound_to=f"{req.id}/items")
+    holdout = (
+        cipher.decrypt_json(req.holdout_ciphertext, bound_to=f"{req.id}/holdout")
+        if req.holdout_ciphertext is not None
+        else []
+    )
+    return items, holdout
+
+
+def subject_ref(req: ErasureRequest) -> str:
+    return get_cipher().decrypt(req.subject_ref_ciphertext, bound_to=f"{req.id}/subject").decode()

@@ -1,0 +1,229 @@
+"""Jobs: creation by the dispatcher, the worker-side lifecycle (claim, heartbeat,
+advance, complete, fail), cancellation and the reaper. Functions never commit.
+
+A request's status follows its job's stage (states.REQUEST_STATUS_FOR_STAGE); requests
+already in a terminal status (a client canceled one while queued) are left alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.access.service import Principal
+from service.config import get_settings
+from service.db import utcnow
+from service.erasure_requests import service as requests_svc
+from service.erasure_requests.models import ErasureRequest
+from service.errors import not_found
+from service.jobs.models import Job
+from service.states import (
+    JOB_ACTIVE,
+    REQUEST_STATUS_FOR_STAGE,
+    REQUEST_TERMINAL,
+    JobStage,
+    RequestStatus,
+)
+from service.trail import service as trail
+
+J = JobStage
+
+
+def _is_pg(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def requests_of(session: Session, job_id: str) -> list[ErasureRequest]:
+    return list(
+        session.scalars(
+            select(ErasureRequest)
+            .where(ErasureRequest.job_id == job_id)
+            .order_by(ErasureRequest.received_at, ErasureRequest.id)
+        )
+    )
+
+
+def live_requests(session: Session, job_id: str) -> list[ErasureRequest]:
+    return [
+        r for r in requests_of(session, job_id) if RequestStatus(r.status) not in REQUEST_TERMINAL
+    ]
+
+
+def create(
+    session: Session,
+    *,
+    model_id: str,
+    method: dict | None,
+    requests: list[ErasureRequest],
+    actor: str,
+) -> Job:
+    job = Job(
+        model_id=model_id,
+        method=method,
+        stage=J.QUEUED.value,
+        max_attempts=get_settings().job_max_attempts,
+    )
+    session.add(job)
+    session.flush()
+    trail.record(
+        session,
+        actor=actor,
+        event_type="job.created",
+        object_type="job",
+        object_id=job.id,
+        details={"model_id": model_id, "requests": [r.id for r in requests]},
+    )
+    for req in requests:
+        req.job_id = job.id
+        requests_svc.set_status(
+            session, req, RequestStatus.QUEUED, actor=actor, extra={"job_id": job.id}
+        )
+    return job
+
+
+def get_for(
+    session: Session, *, principal: Principal, job_id: str
+) -> tuple[Job, list[ErasureRequest]]:
+    """A job and the requests in it that the caller may see (admin: all)."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    reqs = requests_of(session, job_id)
+    if not principal.is_admin:
+        reqs = [r for r in reqs if r.tenant_id == principal.tenant_id]
+        if not reqs:
+            raise not_found("job", job_id)
+    return job, reqs
+
+
+def advance(
+    session: Session,
+    job: Job,
+    stage: JobStage,
+    *,
+    actor: str,
+    reason: str | None = None,
+    adapter_version: int | None = None,
+) -> None:
+    """Move a job (guarded by states.JOB_TRANSITIONS) and its live requests with it."""
+    before = job.stage
+    job.stage = stage.value
+    now = utcnow()
+    if stage in (J.SUCCEEDED, J.FAILED, J.CANCELED):
+        job.finished_at = now
+    if stage is J.FAILED and reason:
+        job.error = reason[:2000]
+    trail.record(
+        session,
+        actor=actor,
+        event_type=f"job.{stage.value}",
+        object_type="job",
+        object_id=job.id,
+        details={"from": before, "to": stage.value},
+    )
+    target = REQUEST_STATUS_FOR_STAGE[stage]
+    for req in live_requests(session, job.id):
+        if stage is J.SUCCEEDED:
+            req.adapter_version = adapter_version
+        requests_svc.set_status(
+            session,
+            req,
+            target,
+            actor=actor,
+            reason=reason if stage is J.FAILED else None,
+            extra={
+                "job_id": job.id,
+                **({"adapter_version": adapter_version} if adapter_version is not None else {}),
+            },
+        )
+
+
+def claim(session: Session, *, job_id: str, worker_id: str) -> Job | None:
+    """Take a queued job for one worker. A redelivered or duplicate task finds it
+    already claimed (or finished) and gets None."""
+    q = select(Job).where(Job.id == job_id, Job.stage == J.QUEUED.value)
+    # Wait for the lock rather than skip it: the dispatcher may still hold the row for
+    # the moment between sending this task and committing `enqueued_at`.
+    job = session.scalar(q.with_for_update() if _is_pg(session) else q)
+    if job is None:
+        return None
+    if not live_requests(session, job.id):
+        advance(session, job, J.CANCELED, actor=worker_id)
+        return None
+    now = utcnow()
+    job.attempts += 1
+    job.worker_id = worker_id
+    job.started_at = job.started_at or now
+    job.heartbeat_at = now
+    job.error = None
+    advance(session, job, J.PREPARING, actor=worker_id)
+    return job
+
+
+def heartbeat(
+    session: Session, *, job_id: str, worker_id: str, progress: float | None = None
+) -> JobStage:
+    """Record liveness and progress; returns the stage so a worker notices a cancel or
+    a reap (a job taken away from it is no longer its own)."""
+    job = session.get(Job, job_id, with_for_update=_is_pg(session))
+    if job is None:
+        raise not_found("job", job_id)
+    if job.worker_id == worker_id and JobStage(job.stage) in JOB_ACTIVE:
+        job.heartbeat_at = utcnow()
+        if progress is not None:
+            job.progress = min(1.0, max(0.0, progress))
+    return JobStage(job.stage)
+
+
+def requeue(session: Session, job: Job, *, actor: str, reason: str) -> None:
+    job.worker_id = None
+    job.enqueued_at = None  # the dispatcher sends it again
+    job.error = reason[:2000]
+    job.progress = 0.0
+    advance(session, job, J.QUEUED, actor=actor)
+
+
+def cancel_if_empty(session: Session, *, job_id: str, actor: str) -> bool:
+    job = session.get(Job, job_id, with_for_update=_is_pg(session))
+    if job is None or job.stage != J.QUEUED.value or live_requests(session, job_id):
+        return False
+    advance(session, job, J.CANCELED, actor=actor)
+    return True
+
+
+@dataclass
+class Reaped:
+    job_id: str
+    action: str  # "requeued" or "failed"
+
+
+def reap(session: Session, *, now: datetime | None = None, actor: str = "reaper") -> list[Reaped]:
+    """Jobs whose worker went silent: back to the queue, or failed after max attempts."""
+    settings = get_settings()
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=settings.heartbeat_timeout_seconds)
+    q = select(Job).where(Job.stage.in_([s.value for s in JOB_ACTIVE]), Job.heartbeat_at < cutoff)
+    if _is_pg(session):
+        q = q.with_for_update(skip_locked=True)
+    out: list[Reaped] = []
+    for job in session.scalars(q).all():
+        silent = (
+            f"worker {job.worker_id} sent no heartbeat since {job.heartbeat_at:%Y-%m-%dT%H:%M:%SZ}"
+        )
+        if job.attempts >= job.max_attempts:
+            advance(
+                session,
+                job,
+                J.FAILED,
+                actor=actor,
+                reason=f"gave up after {job.attempts} attempts: {silent}; resubmit the "
+                "requests or ask an operator to check the workers",
+            )
+            out.append(Reaped(job.id, "failed"))
+        else:
+            requeue(session, job, actor=actor, reason=f"attempt {job.attempts} lost: {silent}")
+            out.append(Reaped(job.id, "requeued"))
+    return out

