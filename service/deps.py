@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -14,7 +14,11 @@ from service.db import get_sessionmaker
 from service.errors import Problem
 
 
-def get_session() -> Iterator[Session]:
+async def get_session() -> AsyncIterator[Session]:
+    # Async on purpose: the close (which returns the connection to the pool) then runs on
+    # the event loop. A sync cleanup would wait for a threadpool slot while holding a
+    # connection, and under load every thread could be waiting for a connection held by
+    # a request waiting for a thread.
     session = get_sessionmaker()()
     try:
         yield session
@@ -46,6 +50,8 @@ def get_principal(request: Request, session: SessionDep) -> access.Principal:
             headers=challenge,
         )
     principal = access.authenticate(session, token)
+    # End the read so the connection goes back to the pool before the next threadpool hop.
+    session.commit()
     if principal is None:
         raise Problem(
             401,

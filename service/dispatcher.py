@@ -47,14 +47,16 @@ class TickReport:
     purged: int = 0
 
 
-def batch_pending(session: Session, *, now: datetime | None = None) -> list[str]:
+def batch_pending(
+    session: Session, *, now: datetime | None = None, scan_limit: int = _SCAN
+) -> list[str]:
     settings = get_settings()
     now = now or utcnow()
     q = (
         select(ErasureRequest)
         .where(ErasureRequest.status == RequestStatus.RECEIVED.value)
         .order_by(ErasureRequest.received_at, ErasureRequest.id)
-        .limit(_SCAN)
+        .limit(scan_limit)
     )
     if session.get_bind().dialect.name == "postgresql":
         q = q.with_for_update(skip_locked=True)

@@ -21,7 +21,10 @@ PROBLEM_JSON = "application/problem+json"
 log = structlog.get_logger()
 
 
-class Problem(Exception):
+class Problem(StarletteHTTPException):
+    """An error for the client. A subclass of Starlette's HTTPException so that raising
+    it anywhere (even inside a middleware's receive) reaches our handler."""
+
     def __init__(
         self,
         status: int,
@@ -31,7 +34,7 @@ class Problem(Exception):
         headers: dict[str, str] | None = None,
         **extensions: Any,
     ) -> None:
-        super().__init__(detail)
+        super().__init__(status, detail, headers)
         self.status, self.slug, self.title, self.detail = status, slug, title, detail
         self.headers = headers or {}
         self.extensions = extensions
@@ -76,7 +79,7 @@ def install(app: FastAPI) -> None:
             exc.title,
             exc.detail,
             request.url.path,
-            exc.headers,
+            dict(exc.headers or {}),
             **exc.extensions,
         )
 
@@ -119,7 +122,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        slug = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}.get(
+            exc.status_code, "http-error"
+        )
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.method} {request.url.path}; see /docs"

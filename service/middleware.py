@@ -4,16 +4,11 @@ metrics."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import problem_response
+from service.errors import Problem, problem_response
 from service.metrics import HTTP_LATENCY, HTTP_REQUESTS
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class BodySizeLimit:
@@ -22,14 +17,13 @@ class BodySizeLimit:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
-    def _reply(self, scope: Scope) -> Any:
-        return problem_response(
+    def _too_large(self) -> Problem:
+        return Problem(
             413,
             "body-too-large",
             "Request body too large",
             f"the body exceeds {self.max_bytes} bytes (MAX_BODY_BYTES); split the items "
             "over several requests",
-            scope.get("path"),
             limit=self.max_bytes,
         )
 
@@ -39,30 +33,26 @@ class BodySizeLimit:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._reply(scope)(scope, receive, send)
+            exc = self._too_large()
+            reply = problem_response(
+                exc.status, exc.slug, exc.title, exc.detail, scope.get("path"), **exc.extensions
+            )
+            await reply(scope, receive, send)
             return
         seen = 0
-        started = False
 
         async def limited_receive() -> Message:
+            # A chunked body has no Content-Length: count as it streams in. FastAPI lets
+            # an HTTPException (Problem is one) raised while reading the body through.
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge
+                    raise self._too_large()
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._reply(scope)(scope, receive, send)
+        await self.app(scope, limited_receive, send)
 
 
 class HttpMetrics:

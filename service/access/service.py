@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -91,7 +92,7 @@ def mint_key(
 
 def authenticate(session: Session, token: str) -> Principal | None:
     parts = token.split("_", 2)
-    if len(parts) != 3 or parts[0] != KEY_PREFIX:
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or not re.fullmatch(r"[0-9a-f]{12}", parts[1]):
         return None
     key = session.get(ApiKey, parts[1])
     if key is None or key.revoked_at is not None:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from service.access.service import Principal
 from service.config import get_settings
 from service.crypto import canonical_json, get_cipher, salted_item_hashes, sha256_hex
-from service.db import new_id, utcnow
+from service.db import is_uuid, new_id, utcnow
 from service.erasure_requests.models import ErasureRequest
 from service.erasure_requests.schemas import ErasureRequestCreate
 from service.errors import Problem, not_found
@@ -157,7 +157,7 @@ def submit(
 
 
 def get_for(session: Session, *, principal: Principal, request_id: str) -> ErasureRequest:
-    req = session.get(ErasureRequest, request_id)
+    req = session.get(ErasureRequest, request_id) if is_uuid(request_id) else None
     # Another tenant's request is indistinguishable from a missing one.
     if req is None or (req.tenant_id != principal.tenant_id and not principal.is_admin):
         raise not_found("erasure request", request_id)
@@ -167,7 +167,9 @@ def get_for(session: Session, *, principal: Principal, request_id: str) -> Erasu
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         at, rid = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(at), str(rid)
+        if not is_uuid(rid):
+            raise ValueError("cursor id")
+        return datetime.fromisoformat(at), rid
     except (ValueError, TypeError) as exc:
         raise Problem(
             400,

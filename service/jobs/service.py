@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from service.access.service import Principal
 from service.config import get_settings
-from service.db import utcnow
+from service.db import is_uuid, utcnow
 from service.erasure_requests import service as requests_svc
 from service.erasure_requests.models import ErasureRequest
 from service.errors import not_found
@@ -88,7 +88,7 @@ def get_for(
     session: Session, *, principal: Principal, job_id: str
 ) -> tuple[Job, list[ErasureRequest]]:
     """A job and the requests in it that the caller may see (admin: all)."""
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id) if is_uuid(job_id) else None
     if job is None:
         raise not_found("job", job_id)
     reqs = requests_of(session, job_id)

@@ -6,6 +6,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from workers.ml.specs import DEFAULT_BUILTIN, Item, MethodSpec
 
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+
 
 class ModelCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -13,13 +15,14 @@ class ModelCreate(BaseModel):
     name: str = Field(
         min_length=1,
         max_length=100,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+        pattern=MODEL_NAME_PATTERN,
         description="the name erasure requests use to target this model",
     )
     source: str = Field(
         default=DEFAULT_BUILTIN,
         min_length=1,
         max_length=1000,
+        pattern=r"^[^\x00]+$",
         description="'builtin:smollm2-135m-instruct' or an absolute path to a local "
         "Hugging Face causal-LM folder (with config.json)",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from sqlalchemy import select
@@ -11,7 +12,7 @@ from sqlalchemy.orm import Session
 from service.config import get_settings
 from service.errors import Problem, not_found
 from service.models_registry.models import RegisteredModel
-from service.models_registry.schemas import ModelCreate
+from service.models_registry.schemas import MODEL_NAME_PATTERN, ModelCreate
 from service.trail import service as trail
 from workers.ml.specs import BUILTIN_MODELS
 
@@ -83,7 +84,11 @@ def register(session: Session, *, spec: ModelCreate, actor: str) -> RegisteredMo
 
 
 def get_by_name(session: Session, name: str) -> RegisteredModel:
-    model = session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
+    model = (
+        session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
+        if re.fullmatch(MODEL_NAME_PATTERN, name)
+        else None
+    )
     if model is None:
         raise not_found("model", name)
     return model

@@ -21,8 +21,8 @@ def list_events(
     session: SessionDep,
     principal: Auditor,
     cursor: Annotated[int | None, Query(ge=0, description="seq to start after")] = None,
-    object_id: str | None = None,
-    event_type: str | None = None,
+    object_id: Annotated[str | None, Query(max_length=64, pattern=r"^[\w.:-]+$")] = None,
+    event_type: Annotated[str | None, Query(max_length=64, pattern=r"^[\w.]+$")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> AuditEventPage:
     q = select(AuditEvent)

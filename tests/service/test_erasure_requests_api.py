@@ -85,14 +85,10 @@ def test_get_with_etag_and_304(client, keys, model):
     r = client.get(f"/v1/erasure-requests/{rid}", headers=auth(keys.a))
     assert r.status_code == 200
     etag = r.headers["etag"]
-    r2 = client.get(
-        f"/v1/erasure-requests/{rid}", headers={**auth(keys.a), "If-None-Match": etag}
-    )
+    r2 = client.get(f"/v1/erasure-requests/{rid}", headers={**auth(keys.a), "If-None-Match": etag})
     assert r2.status_code == 304 and r2.content == b""
     client.post(f"/v1/erasure-requests/{rid}/cancel", headers=auth(keys.a))
-    r3 = client.get(
-        f"/v1/erasure-requests/{rid}", headers={**auth(keys.a), "If-None-Match": etag}
-    )
+    r3 = client.get(f"/v1/erasure-requests/{rid}", headers={**auth(keys.a), "If-None-Match": etag})
     assert r3.status_code == 200 and r3.headers["etag"] != etag
     assert r3.json()["status"] == "canceled"
 
@@ -159,6 +155,8 @@ def test_cancel_received_request_purges_its_items(client, keys, model, db):
 
 def test_cancel_needs_write_scope_and_own_tenant(client, keys, model):
     rid = submit(client, keys.a, qa_body()).json()["id"]
-    assert client.post(f"/v1/erasure-requests/{rid}/cancel", headers=auth(keys.b)).status_code == 404
+    assert (
+        client.post(f"/v1/erasure-requests/{rid}/cancel", headers=auth(keys.b)).status_code == 404
+    )
     ro = client.post(f"/v1/erasure-requests/{rid}/cancel", headers=auth(keys.a_read_only))
     assert ro.status_code == 403
