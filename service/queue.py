@@ -4,6 +4,7 @@ worker code (nor torch). The names here are the contract with workers/celery_app
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from celery import Celery
 
@@ -18,15 +19,25 @@ class BrokerUnavailable(Exception):
     pass
 
 
+def _transport_options(broker_url: str) -> dict[str, object]:
+    if broker_url.startswith("redis"):
+        return {"max_retries": 0, "socket_connect_timeout": 3, "socket_timeout": 10}
+    if broker_url.startswith("sqla+sqlite:///"):
+        # The embedded broker is a SQLite file: make sure its folder exists.
+        Path(broker_url.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return {}  # other transports pass these options on (SQLAlchemy: to create_engine)
+
+
 @lru_cache
 def producer() -> Celery:
-    app = Celery("unlearn-gateway", broker=get_settings().broker_url)
+    broker_url = get_settings().broker_url
+    app = Celery("unlearn-gateway", broker=broker_url)
     # Fail fast: the dispatcher keeps the row and retries on its next tick, so a
     # blocking retry loop here would only stall it.
     app.conf.broker_connection_timeout = 3
     app.conf.broker_connection_retry = False
     app.conf.broker_connection_retry_on_startup = False
-    app.conf.broker_transport_options = {"max_retries": 0, "socket_connect_timeout": 3}
+    app.conf.broker_transport_options = _transport_options(broker_url)
     app.conf.task_serializer = "json"
     return app
 

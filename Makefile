@@ -1,0 +1,44 @@
+# The two commands: `make run` (the service on the embedded defaults, no external
+# services) and `make test` (lint, types, tests against PostgreSQL and Redis).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run api dispatcher migrate test test-slow lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+migrate: install
+	$(BIN)/unlearn migrate
+
+# Embedded mode: SQLite + kombu's SQLAlchemy transport under ./var. Ctrl-C stops both.
+run: migrate
+	@echo "API on http://127.0.0.1:8000 (docs at /docs); dispatcher running. Ctrl-C to stop."
+	@trap 'kill 0' INT TERM EXIT; \
+	  $(BIN)/unlearn dispatcher & \
+	  $(BIN)/unlearn api --host 127.0.0.1 --port 8000
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
+	$(BIN)/pytest -m "not slow and not gpu"
+
+test-slow: install
+	$(BIN)/pytest -m "slow and not gpu"
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
