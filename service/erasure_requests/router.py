@@ -15,6 +15,7 @@ from service.erasure_requests.schemas import (
     ErasureRequestOut,
     ErasureRequestPage,
     ItemDigests,
+    RejectBody,
 )
 from service.errors import Problem
 from service.models_registry.models import RegisteredModel
@@ -143,6 +144,24 @@ def get_request(
 )
 def cancel(request_id: str, session: SessionDep, principal: Writer) -> ErasureRequestOut:
     req = service.cancel(session, principal=principal, request_id=request_id)
+    out = _out(session, req)
+    session.commit()
+    return out
+
+
+@router.post(
+    "/{request_id}/reject",
+    response_model=ErasureRequestOut,
+    dependencies=[Depends(require_json)],
+    summary="Refuse a request before training starts (admin; 409 afterwards)",
+)
+def reject(
+    request_id: str,
+    body: RejectBody,
+    session: SessionDep,
+    principal: Annotated[Principal, Depends(require(Scope.ADMIN))],
+) -> ErasureRequestOut:
+    req = service.reject(session, principal=principal, request_id=request_id, reason=body.reason)
     out = _out(session, req)
     session.commit()
     return out

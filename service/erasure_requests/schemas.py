@@ -28,6 +28,16 @@ class ErasureRequestCreate(BaseModel):
     )
 
 
+class RejectBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(
+        min_length=3,
+        max_length=1000,
+        description="why the request is refused; shown to the client, so no personal data",
+    )
+
+
 class ItemDigests(BaseModel):
     salt: str = Field(description="hex salt; digest = sha256(salt || canonical JSON of item)")
     items: list[str]

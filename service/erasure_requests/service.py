@@ -256,20 +256,37 @@ def set_status(
 
 
 def cancel(session: Session, *, principal: Principal, request_id: str) -> ErasureRequest:
+    """The client withdraws its request (before training starts)."""
+    return _withdraw(session, principal, request_id, R.CANCELED, "canceled by client")
+
+
+def reject(
+    session: Session, *, principal: Principal, request_id: str, reason: str
+) -> ErasureRequest:
+    """An admin refuses a request (identity not verified, an Art. 17(3) exemption...)."""
+    return _withdraw(session, principal, request_id, R.REJECTED, reason)
+
+
+def _withdraw(
+    session: Session, principal: Principal, request_id: str, to: RequestStatus, reason: str
+) -> ErasureRequest:
     req = get_for(session, principal=principal, request_id=request_id)
     if session.get_bind().dialect.name == "postgresql":
         session.refresh(req, with_for_update=True)  # a dispatcher may be claiming it
     if RequestStatus(req.status) not in REQUEST_CANCELABLE:
+        verb, slug = (
+            ("canceled", "not-cancelable") if to is R.CANCELED else ("rejected", "not-rejectable")
+        )
         raise Problem(
             409,
-            "not-cancelable",
-            "Request can no longer be canceled",
+            slug,
+            f"Request can no longer be {verb}",
             f"the request is {req.status}; only received or queued requests (before "
-            "training starts) can be canceled",
+            f"training starts) can be {verb}",
             status_now=req.status,
         )
     job_id = req.job_id
-    set_status(session, req, R.CANCELED, actor=principal.key_id, reason="canceled by client")
+    set_status(session, req, to, actor=principal.key_id, reason=reason)
     if job_id is not None:
         from service.jobs import service as jobs  # jobs imports this module
 

@@ -21,8 +21,11 @@ def test_production_refuses_to_start_without_an_encryption_key():
 
 def test_production_refuses_sqlite():
     with pytest.raises(ValidationError, match="PostgreSQL"):
-        Settings(environment="production", data_encryption_key=GOOD_KEY,
-                 database_url="sqlite:///var/x.sqlite")
+        Settings(
+            environment="production",
+            data_encryption_key=GOOD_KEY,
+            database_url="sqlite:///var/x.sqlite",
+        )
 
 
 def test_production_with_key_and_postgres_starts():

@@ -77,16 +77,23 @@ def test_two_dispatchers_on_sqlite_never_share_a_request(sqlite_factory, setting
 
 def _run(env: dict, cwd, *args: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "service.cli", *args], env=env, cwd=cwd, capture_output=True,
-        text=True, timeout=120,
+        [sys.executable, "-m", "service.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
 
 def test_cli_and_api_end_to_end_on_the_embedded_defaults(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DATABASE_URL", "BROKER_URL", "DATA_ENCRYPTION_KEY", "ENVIRONMENT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "BROKER_URL", "DATA_ENCRYPTION_KEY", "ENVIRONMENT")
+    }
     env["PYTHONPATH"] = os.getcwd()
     workdir = tmp_path / "fresh"
     workdir.mkdir()
@@ -98,8 +105,11 @@ def test_cli_and_api_end_to_end_on_the_embedded_defaults(tmp_path):
 
     port = _free_port()
     api = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "api", "--port", str(port)], env=env,
-        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "service.cli", "api", "--port", str(port)],
+        env=env,
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
@@ -112,14 +122,19 @@ def test_cli_and_api_end_to_end_on_the_embedded_defaults(tmp_path):
                 time.sleep(0.2)
         h = {"Authorization": f"Bearer {admin}"}
         assert httpx.get(f"{base}/readyz", timeout=10).json()["checks"] == {
-            "database": True, "broker": True,
+            "database": True,
+            "broker": True,
         }
         r = httpx.post(f"{base}/v1/models", json={"name": "support"}, headers=h)
         assert r.status_code == 201, r.text
-        body = {"model": "support", "subject_ref": "p1",
-                "items": [{"prompt": "Who is Ann?", "completion": "Ann is a baker"}]}
-        r = httpx.post(f"{base}/v1/erasure-requests", json=body,
-                       headers=h | {"Idempotency-Key": "e2e"})
+        body = {
+            "model": "support",
+            "subject_ref": "p1",
+            "items": [{"prompt": "Who is Ann?", "completion": "Ann is a baker"}],
+        }
+        r = httpx.post(
+            f"{base}/v1/erasure-requests", json=body, headers=h | {"Idempotency-Key": "e2e"}
+        )
         assert r.status_code == 202, r.text
         location = r.headers["location"]
 

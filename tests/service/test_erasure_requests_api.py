@@ -160,3 +160,67 @@ def test_cancel_needs_write_scope_and_own_tenant(client, keys, model):
     )
     ro = client.post(f"/v1/erasure-requests/{rid}/cancel", headers=auth(keys.a_read_only))
     assert ro.status_code == 403
+
+
+def test_admin_rejects_a_request_with_a_reason(client, keys, model, db):
+    rid = submit(client, keys.a, qa_body()).json()["id"]
+    refused = client.post(
+        f"/v1/erasure-requests/{rid}/reject", json={"reason": "x"}, headers=auth(keys.admin)
+    )
+    assert refused.status_code == 422  # reason too short to be useful
+    not_admin = client.post(
+        f"/v1/erasure-requests/{rid}/reject",
+        json={"reason": "identity not verified"},
+        headers=auth(keys.a),
+    )
+    assert not_admin.status_code == 403
+    r = client.post(
+        f"/v1/erasure-requests/{rid}/reject",
+        json={"reason": "identity not verified"},
+        headers=auth(keys.admin),
+    )
+    assert r.status_code == 200
+    out = r.json()
+    assert out["status"] == "rejected" and out["status_reason"] == "identity not verified"
+    assert out["data_purged_at"] is not None
+    again = client.post(
+        f"/v1/erasure-requests/{rid}/reject",
+        json={"reason": "identity not verified"},
+        headers=auth(keys.admin),
+    )
+    assert again.status_code == 409 and again.json()["status_now"] == "rejected"
+
+
+def test_key_held_by_an_open_transaction_gives_409(client, keys, model, db):
+    """While another transaction is writing a request with this key, answer 409 at once."""
+    from sqlalchemy import text
+
+    from service.db import get_engine
+
+    with get_engine().connect() as other:
+        other.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:t), hashtext(:k))"),
+            {"t": keys.a_tenant_id, "k": "busy-key"},
+        )
+        r = submit(client, keys.a, qa_body(), key="busy-key")
+        other.rollback()
+    assert r.status_code == 409
+    assert r.headers["retry-after"] == "1"
+    assert r.headers["content-type"] == "application/problem+json"
+    assert _count(db) == 0
+    assert submit(client, keys.a, qa_body(), key="busy-key").status_code == 202
+
+
+def test_readyz_reports_a_broker_that_is_down(client, settings):
+    from service import queue
+
+    assert client.get("/readyz").status_code == 200
+    settings.broker_url = "redis://127.0.0.1:1/0"
+    queue.producer.cache_clear()
+    try:
+        r = client.get("/readyz")
+    finally:
+        queue.producer.cache_clear()
+    assert r.status_code == 503
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["checks"] == {"database": True, "broker": False}
