@@ -18,12 +18,9 @@ $(STAMP): pyproject.toml
 migrate: install
 	$(BIN)/unlearn migrate
 
-# Embedded mode: SQLite + kombu's SQLAlchemy transport under ./var. Ctrl-C stops both.
-run: migrate
-	@echo "API on http://127.0.0.1:8000 (docs at /docs); dispatcher running. Ctrl-C to stop."
-	@trap 'kill 0' INT TERM EXIT; \
-	  $(BIN)/unlearn dispatcher & \
-	  $(BIN)/unlearn api --host 127.0.0.1 --port 8000
+# Embedded mode: SQLite + kombu's SQLAlchemy transport under ./var. Ctrl-C stops it.
+run: install
+	$(BIN)/unlearn up
 
 lint: install
 	$(BIN)/ruff check .

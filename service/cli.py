@@ -148,6 +148,39 @@ def dispatcher(
     disp.run_forever(stop)
 
 
+@app.command()
+def up(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+) -> None:
+    """Everything in one process on the configured (by default embedded) backends:
+    migrations, the API and the dispatcher. Ctrl-C stops both cleanly."""
+    import uvicorn
+
+    from service import dispatcher as disp
+
+    migrate(bootstrap_admin=True)
+    stop = threading.Event()
+    loop = threading.Thread(target=disp.run_forever, args=(stop,), name="dispatcher")
+    loop.start()
+    console.print(
+        f"[bold]API on http://{host}:{port}[/] (docs at /docs); dispatcher running. Ctrl-C stops."
+    )
+    try:
+        # uvicorn handles SIGINT/SIGTERM itself and returns when asked to stop.
+        uvicorn.run(
+            "service.main:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            log_level=get_settings().log_level.lower(),
+        )
+    finally:
+        stop.set()
+        loop.join(timeout=30)
+        console.print("stopped")
+
+
 @app.command("verify-trail")
 def verify_trail() -> None:
     """Recompute the audit trail's hash chain; exit 1 at the first broken link."""
