@@ -10,7 +10,6 @@ so sequence numbers have no gaps and the chain never forks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, text
@@ -24,30 +23,20 @@ GENESIS = "0" * 64
 _LOCK_KEY = 0x756E6C6561726E  # "unlearn": the advisory lock id for trail appends
 
 
-def _hash(
-    *,
-    seq: int,
-    occurred_at: datetime,
-    actor: str,
-    tenant_id: str | None,
-    event_type: str,
-    object_type: str,
-    object_id: str,
-    payload_digest: str,
-    prev_hash: str,
-) -> str:
+def link_hash(event: AuditEvent) -> str:
+    """The hash that chains `event` to its predecessor (see the module docstring)."""
     return sha256_hex(
         canonical_json(
             {
-                "seq": seq,
-                "occurred_at": occurred_at.isoformat(timespec="microseconds"),
-                "actor": actor,
-                "tenant_id": tenant_id,
-                "event_type": event_type,
-                "object_type": object_type,
-                "object_id": object_id,
-                "payload_digest": payload_digest,
-                "prev_hash": prev_hash,
+                "seq": event.seq,
+                "occurred_at": event.occurred_at.isoformat(timespec="microseconds"),
+                "actor": event.actor,
+                "tenant_id": event.tenant_id,
+                "event_type": event.event_type,
+                "object_type": event.object_type,
+                "object_id": event.object_id,
+                "payload_digest": event.payload_digest,
+                "prev_hash": event.prev_hash,
             }
         )
     )
@@ -85,17 +74,7 @@ def record(
         payload_digest=digest,
         prev_hash=prev,
     )
-    event.hash = _hash(
-        seq=seq,
-        occurred_at=occurred_at,
-        actor=actor,
-        tenant_id=tenant_id,
-        event_type=event_type,
-        object_type=object_type,
-        object_id=object_id,
-        payload_digest=digest,
-        prev_hash=prev,
-    )
+    event.hash = link_hash(event)
     session.add(event)
     session.flush()
     return event
@@ -127,17 +106,7 @@ def verify(session: Session, *, batch: int = 5000) -> VerifyResult:
                 problem = "prev_hash does not match the previous event's hash"
             elif ev.payload_digest != sha256_hex(canonical_json(ev.details)):
                 problem = "details do not match payload_digest"
-            elif ev.hash != _hash(
-                seq=ev.seq,
-                occurred_at=ev.occurred_at,
-                actor=ev.actor,
-                tenant_id=ev.tenant_id,
-                event_type=ev.event_type,
-                object_type=ev.object_type,
-                object_id=ev.object_id,
-                payload_digest=ev.payload_digest,
-                prev_hash=ev.prev_hash,
-            ):
+            elif ev.hash != link_hash(ev):
                 problem = "hash does not match the event's fields"
             if problem:
                 return VerifyResult(
