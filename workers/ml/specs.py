@@ -43,15 +43,35 @@ class Item(BaseModel):
 
 
 class _MethodBase(BaseModel):
+    """Training and scope-control settings shared by every method (defaults measured,
+    see docs/unlearning-defaults.md)."""
+
     model_config = ConfigDict(extra="forbid")
 
     lr: float = Field(default=1e-4, gt=0, le=1e-2, description="peak learning rate (LoRA)")
     max_steps: int = Field(default=60, ge=1, le=10_000, description="upper bound on steps")
     batch_size: int = Field(default=4, ge=1, le=256)
     grad_accum: int = Field(default=1, ge=1, le=256)
+    warmup_ratio: float = Field(default=0.1, ge=0, le=0.5)
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
     lora_rank: int = Field(default=8, ge=1, le=256)
     lora_alpha: float = Field(default=16.0, gt=0)
+    lora_targets: Literal["all-linear"] | list[str] = Field(
+        default="all-linear", description="module names to adapt, or every linear layer"
+    )
+    max_length: int = Field(default=256, ge=16, le=8192, description="tokens per item")
     seed: int = Field(default=0, ge=0)
+    eval_every: int = Field(default=5, ge=1, description="steps between scope checks")
+    checkpoint_every: int = Field(default=10, ge=1)
+    stop_forget_ratio: float | None = Field(
+        default=0.1, gt=0, lt=1,
+        description="stop once mean forget probability <= this x its value at step 0",
+    )
+    retain_tolerance: float = Field(
+        default=0.25, gt=0,
+        description="stop and roll back once retain NLL rises more than this fraction",
+    )
 
 
 class GA(_MethodBase):
@@ -110,3 +130,21 @@ class RMU(_MethodBase):
 
 MethodSpec = Annotated[GA | GradDiff | NPO | SimNPO | IdK | RMU, Field(discriminator="name")]
 METHOD_NAMES = ("ga", "graddiff", "npo", "simnpo", "idk", "rmu")
+
+
+class JobSpec(BaseModel):
+    """Everything the engine needs for one run; the record repeats it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_source: str = Field(default=DEFAULT_BUILTIN, min_length=1)
+    forget: list[Item] = Field(min_length=1)
+    retain: list[Item] = Field(default_factory=list)
+    holdout: list[Item] = Field(default_factory=list)
+    method: MethodSpec = Field(default_factory=lambda: NPO())
+    previous_adapter: str | None = Field(
+        default=None, description="folder of the version this run continues from"
+    )
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    model_cache: str | None = None

@@ -1,0 +1,101 @@
+"""Turning items into token ids with the prompt masked out of the labels, padding them
+into batches, and a deterministic batch order that depends only on (seed, step).
+
+QA items use the tokenizer's chat template when it has one ("Question/Answer" text
+otherwise); a raw text item is split in the middle (by tokens) into a prefix and the
+continuation the model must stop producing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on prompt tokens
+
+
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, dict) or hasattr(value, "keys"):
+        value = value["input_ids"]
+    return list(value)
+
+
+def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """The tokens a model sees before it answers `prompt` (also used for generation)."""
+    if tok.chat_template:
+        return _ids(
+            tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+        )
+    return _ids(tok(f"Question: {prompt}\nAnswer:", add_special_tokens=True))
+
+
+def encode_item(tok: PreTrainedTokenizerBase, item: dict[str, str], max_length: int) -> Encoded:
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if "text" in item:
+        ids = _ids(tok(item["text"], add_special_tokens=True))[:max_length]
+        cut = max(1, len(ids) // 2)
+        return Encoded(ids, [IGNORE] * cut + ids[cut:])
+    head = prompt_ids(tok, item["prompt"])
+    sep = "" if tok.chat_template else " "
+    answer = _ids(tok(sep + item["completion"], add_special_tokens=False)) + eos
+    head = head[: max(1, max_length - len(answer))]
+    ids = (head + answer)[:max_length]
+    return Encoded(ids, ([IGNORE] * len(head) + answer)[:max_length])
+
+
+def encode_all(tok: PreTrainedTokenizerBase, items: list[dict[str, str]], max_length: int) -> list[Encoded]:
+    return [encode_item(tok, item, max_length) for item in items]
+
+
+def collate(encoded: list[Encoded], indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; padding is masked in attention and labels."""
+    rows = [encoded[i] for i in indices]
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[k, :n] = torch.tensor(r.input_ids)
+        labels[k, :n] = torch.tensor(r.labels)
+        mask[k, :n] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "index": torch.tensor(indices, dtype=torch.long),
+    }
+
+
+class BatchOrder:
+    """Batch `k` of a dataset of `n` items: epochs are seeded permutations, so the order
+    is a pure function of (seed, k) and a resumed run sees the same batches."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
+        self._perm_epoch = -1
+        self._perm: list[int] = []
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = torch.randperm(self.n, generator=g).tolist()
+            self._perm_epoch = epoch
+        return self._perm
+
+    def batch(self, k: int) -> list[int]:
+        per_epoch = -(-self.n // self.batch_size)
+        epoch, j = divmod(k, per_epoch)
+        perm = self._permutation(epoch)
+        return perm[j * self.batch_size : (j + 1) * self.batch_size]

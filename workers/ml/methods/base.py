@@ -1,0 +1,71 @@
+"""What a method is: a loss over a forget batch and a retain batch.
+
+Methods that compare with a reference model read the reference's per-example summed
+log-probabilities, computed once before training from the same network (adapter off,
+or the previous adapter version when a chain continues): never a copy of the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class References:
+    """Reference log p(y|x) summed over target tokens, indexed like the datasets."""
+
+    forget: torch.Tensor | None = None
+    refusal: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    name: ClassVar[str]
+    spec_type: ClassVar[type[BaseModel]]
+    needs_reference: ClassVar[bool] = False
+    needs_refusals: ClassVar[bool] = False
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+    def prepare(self, model: Any) -> None:
+        """Hook for state fixed before training (RMU's random direction)."""
+
+    def loss(
+        self,
+        model: Any,
+        forget: Batch,
+        retain: Batch | None,
+        refs: References,
+        refusal: Batch | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if cls.name in REGISTRY:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def build(spec: Any) -> Method:
+    try:
+        return REGISTRY[spec.name](spec)
+    except KeyError as exc:
+        raise ValueError(f"no implementation for method {spec.name!r}") from exc
+
+
+def ref_slice(ref: torch.Tensor | None, batch: Batch, device: torch.device) -> torch.Tensor:
+    if ref is None:
+        raise RuntimeError("this method needs reference log-probabilities")
+    return ref[batch["index"]].to(device)

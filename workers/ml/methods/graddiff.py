@@ -1,0 +1,27 @@
+"""GradDiff: gamma * (-NLL_forget) + alpha * retain loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from workers.ml.losses import mean_nll, retain_loss
+from workers.ml.methods.base import Batch, Method, References, register
+from workers.ml.specs import GradDiff
+
+
+@register
+class GradientDifference(Method):
+    name = "graddiff"
+    spec_type = GradDiff
+
+    def loss(
+        self, model: Any, forget: Batch, retain: Batch | None, refs: References,
+        refusal: Batch | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        s = self.spec
+        forget_nll = mean_nll(model, forget)
+        keep = retain_loss(model, retain, s.retain_loss)
+        loss = -s.gamma * forget_nll + s.alpha * keep
+        return loss, {"forget_nll": forget_nll.item(), "retain_loss": keep.item()}

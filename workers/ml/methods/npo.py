@@ -1,0 +1,37 @@
+"""NPO: -(2/beta) * log sigmoid(-beta * (log p(y|x) - log p_ref(y|x))) on forget items,
+plus alpha * retain loss. Bounded, unlike gradient ascent: once an item is well below
+the reference its gradient fades."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from workers.ml.losses import retain_loss, sequence_stats
+from workers.ml.methods.base import Batch, Method, References, ref_slice, register
+from workers.ml.specs import NPO
+
+
+@register
+class NegativePreference(Method):
+    name = "npo"
+    spec_type = NPO
+    needs_reference = True
+
+    def loss(
+        self, model: Any, forget: Batch, retain: Batch | None, refs: References,
+        refusal: Batch | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        s = self.spec
+        logp, nll = sequence_stats(model, forget)
+        ratio = logp - ref_slice(refs.forget, forget, logp.device)
+        forget_term = -(2.0 / s.beta) * F.logsigmoid(-s.beta * ratio).mean()
+        keep = retain_loss(model, retain, s.retain_loss)
+        loss = s.gamma * forget_term + s.alpha * keep
+        return loss, {
+            "forget_loss": forget_term.item(),
+            "forget_nll": nll.mean().item(),
+            "retain_loss": keep.item(),
+        }

@@ -1,0 +1,34 @@
+"""SimNPO: reference-free NPO on the length-normalised loss,
+-(2/beta) * log sigmoid(beta * (NLL_sum/|y| - delta)), plus alpha * retain loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from workers.ml.losses import retain_loss, sequence_stats
+from workers.ml.methods.base import Batch, Method, References, register
+from workers.ml.specs import SimNPO
+
+
+@register
+class SimpleNPO(Method):
+    name = "simnpo"
+    spec_type = SimNPO
+
+    def loss(
+        self, model: Any, forget: Batch, retain: Batch | None, refs: References,
+        refusal: Batch | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        s = self.spec
+        _, nll = sequence_stats(model, forget)  # mean NLL per example = -(log p)/|y|
+        forget_term = -(2.0 / s.beta) * F.logsigmoid(s.beta * (nll - s.delta)).mean()
+        keep = retain_loss(model, retain, s.retain_loss)
+        loss = s.gamma * forget_term + s.alpha * keep
+        return loss, {
+            "forget_loss": forget_term.item(),
+            "forget_nll": nll.mean().item(),
+            "retain_loss": keep.item(),
+        }

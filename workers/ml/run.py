@@ -1,0 +1,118 @@
+"""The engine's one entry point: `run_job(spec, workdir)` -> adapter folder + record.
+
+No Celery, SQLAlchemy or FastAPI here: callable from a task, a test or a notebook.
+Re-running with the same work folder resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from workers.ml import adapters, loading, methods
+from workers.ml.data import encode_all
+from workers.ml.specs import JobSpec
+from workers.ml.training import CancelFn, Datasets, ProgressFn, train
+
+ENGINE_VERSION = "1"
+
+
+@dataclass
+class JobResult:
+    adapter_dir: Path
+    record: dict[str, Any]
+
+
+def _wrap_with_lora(model: Any, spec: Any, previous: str | None) -> Any:
+    if previous:
+        # Continue the chain: train the previous version's weights further.
+        return PeftModel.from_pretrained(model, previous, is_trainable=True)
+    torch.manual_seed(spec.seed)  # LoRA A matrices are random: seed them
+    config = LoraConfig(
+        r=spec.lora_rank,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=0.0,  # dropout would make resumed runs differ
+        target_modules=spec.lora_targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_job(
+    spec: JobSpec,
+    workdir: Path,
+    *,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+) -> JobResult:
+    t0 = time.perf_counter()
+    workdir.mkdir(parents=True, exist_ok=True)
+    m = spec.method
+    resolved = loading.resolve(spec.model_source, Path(spec.model_cache) if spec.model_cache else None)
+    placement = loading.pick_placement(spec.device, spec.dtype)
+    base_model, tok = loading.load(resolved, placement)
+    base_bytes = loading.weights_bytes(base_model)
+    model = _wrap_with_lora(base_model, m, spec.previous_adapter)
+    method = methods.build(m)
+    method.prepare(model)
+
+    forget = [i.plain() for i in spec.forget]
+    data = Datasets(
+        forget=encode_all(tok, forget, m.max_length),
+        retain=encode_all(tok, [i.plain() for i in spec.retain], m.max_length),
+    )
+    if method.needs_refusals:
+        refusals = method.refusals()  # type: ignore[attr-defined]
+        data.refusal = encode_all(
+            tok,
+            [{"prompt": item.get("prompt") or item["text"][:200], "completion": refusals[k % len(refusals)]}
+             for k, item in enumerate(forget)],
+            m.max_length,
+        )
+    t_loaded = time.perf_counter()
+    outcome = train(
+        model, method, m, data, tok.pad_token_id, workdir,
+        progress=progress, should_cancel=should_cancel,
+    )
+    digests = adapters.save(model, workdir / "adapter", base_name=spec.model_source)
+    if progress is not None:
+        progress(1.0, {"step": outcome.steps})
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    record = {
+        "engine_version": ENGINE_VERSION,
+        "method": m.model_dump(),
+        "base_model": {"source": spec.model_source, "digest": resolved.digest,
+                       "weights_bytes": base_bytes},
+        "previous_adapter": spec.previous_adapter,
+        "items": {"forget": len(spec.forget), "retain": len(spec.retain),
+                  "holdout": len(spec.holdout)},
+        "outcome": asdict(outcome),
+        "adapter_files": digests,
+        "trainable_parameters": trainable,
+        "environment": {
+            "device": str(placement.device), "dtype": str(placement.dtype).removeprefix("torch."),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+        },
+        "durations_s": {"load": t_loaded - t0, "train": outcome.seconds,
+                        "total": time.perf_counter() - t0},
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+    }
+    (workdir / "record.json").write_text(json.dumps(record, indent=2, default=str))
+    return JobResult(workdir / "adapter", record)

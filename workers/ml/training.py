@@ -1,0 +1,210 @@
+"""The training loop, top to bottom: reference log-probs once, then steps of
+(forget batch, retain batch) with gradient accumulation, warm-up then linear decay,
+clipping; every `eval_every` steps a scope check; every `checkpoint_every` steps a
+self-describing checkpoint from which a resumed run continues bit-for-bit.
+
+Scope control (see docs/unlearning-defaults.md): stop as soon as the mean forget
+probability is at most `stop_forget_ratio` times its value at step 0 ("forgotten");
+if the retain NLL rises more than `retain_tolerance` above its step-0 value, restore
+the last checked state that was within bounds and stop ("retain_guard"). Over-unlearning
+is a failure too, so the run never simply trains to the end regardless.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.ml.data import BatchOrder, Encoded, collate
+from workers.ml.losses import sequence_stats
+from workers.ml.methods.base import Method, References
+
+ProgressFn = Callable[[float, dict[str, float]], None]
+CancelFn = Callable[[], bool]
+CHECKPOINT = "checkpoint.pt"
+
+
+class Canceled(Exception):
+    """The caller asked to stop between two steps."""
+
+
+@dataclass
+class Datasets:
+    forget: list[Encoded]
+    retain: list[Encoded]
+    refusal: list[Encoded] | None = None  # aligned with forget (idk)
+    retain_eval: int = 32  # how many retain items the scope check uses
+
+
+@dataclass
+class Outcome:
+    steps: int
+    stopped: str  # forgotten | max_steps | retain_guard
+    best_step: int
+    base: dict[str, float]
+    final: dict[str, float]
+    curve: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int | None = None
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+@torch.no_grad()
+def sequence_logprobs(model: Any, encoded: list[Encoded], pad_id: int, batch_size: int = 8) -> torch.Tensor:
+    """Summed log p(y|x) per example (used for references and the scope check)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        idx = list(range(start, min(start + batch_size, len(encoded))))
+        logp, _ = sequence_stats(model, collate(encoded, idx, pad_id))
+        out.append(logp.float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def scope_metrics(model: Any, data: Datasets, pad_id: int) -> dict[str, float]:
+    """Mean forget probability exp(-NLL) and mean retain NLL (token-averaged per item)."""
+    def nll_per_item(encoded: list[Encoded]) -> torch.Tensor:
+        counts = torch.tensor([sum(1 for t in e.labels[1:] if t != -100) for e in encoded])
+        return -sequence_logprobs(model, encoded, pad_id) / counts.clamp(min=1)
+
+    forget_nll = nll_per_item(data.forget)
+    out = {"forget_prob": torch.exp(-forget_nll).mean().item(), "forget_nll": forget_nll.mean().item()}
+    if data.retain:
+        out["retain_nll"] = nll_per_item(data.retain[: data.retain_eval]).mean().item()
+    return out
+
+
+def _schedule(spec: Any) -> Callable[[int], float]:
+    warmup = max(1, math.ceil(spec.warmup_ratio * spec.max_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (spec.max_steps - step) / max(1, spec.max_steps - warmup))
+
+    return factor
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
+
+
+def train(
+    model: Any,
+    method: Method,
+    spec: Any,
+    data: Datasets,
+    pad_id: int,
+    workdir: Path,
+    *,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+) -> Outcome:
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(spec))
+    forget_order = BatchOrder(len(data.forget), spec.batch_size, spec.seed)
+    retain_order = BatchOrder(len(data.retain), spec.batch_size, spec.seed + 1) if data.retain else None
+    ckpt_path = workdir / CHECKPOINT
+
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        load_trainable(model, ck["weights"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        step, refs, base = ck["step"], ck["refs"], ck["base"]
+        best_state, best_step = ck["best_state"], ck["best_step"]
+        curve, evals, tokens = ck["curve"], ck["evals"], ck["tokens"]
+        resumed_from: int | None = step
+    else:
+        refs = References()
+        if method.needs_reference:
+            refs.forget = sequence_logprobs(model, data.forget, pad_id)
+            if data.refusal is not None:
+                refs.refusal = sequence_logprobs(model, data.refusal, pad_id)
+        base = scope_metrics(model, data, pad_id)
+        step, best_step, best_state = 0, 0, trainable_state(model)
+        curve, evals, tokens, resumed_from = [], [dict(base, step=0)], 0, None
+
+    stopped = "max_steps"
+    model.train()
+    while step < spec.max_steps:
+        if should_cancel is not None and should_cancel():
+            raise Canceled(f"canceled at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        logs: dict[str, float] = {}
+        for micro in range(spec.grad_accum):
+            k = step * spec.grad_accum + micro
+            f_idx = forget_order.batch(k)
+            forget = collate(data.forget, f_idx, pad_id)
+            retain = collate(data.retain, retain_order.batch(k), pad_id) if retain_order else None
+            refusal = collate(data.refusal, f_idx, pad_id) if data.refusal is not None else None
+            loss, parts = method.loss(model, forget, retain, refs, refusal)
+            (loss / spec.grad_accum).backward()
+            tokens += int(forget["attention_mask"].sum()) + (
+                int(retain["attention_mask"].sum()) if retain is not None else 0
+            )
+            for key, value in {"loss": loss.item(), **parts}.items():
+                logs[key] = logs.get(key, 0.0) + value / spec.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        curve.append({"step": step, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm), **logs})
+
+        if step % spec.eval_every == 0 or step == spec.max_steps:
+            now = scope_metrics(model, data, pad_id)
+            evals.append(dict(now, step=step))
+            if "retain_nll" in now and now["retain_nll"] > base["retain_nll"] * (1 + spec.retain_tolerance):
+                load_trainable(model, best_state)  # roll back to the last state within bounds
+                stopped = "retain_guard"
+                break
+            best_state, best_step = trainable_state(model), step
+            if spec.stop_forget_ratio is not None and now["forget_prob"] <= spec.stop_forget_ratio * base["forget_prob"]:
+                stopped = "forgotten"
+                break
+        if step % spec.checkpoint_every == 0 and step < spec.max_steps:
+            _save_checkpoint(ckpt_path, {
+                "step": step, "weights": trainable_state(model),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "refs": refs, "base": base, "best_state": best_state, "best_step": best_step,
+                "curve": curve, "evals": evals, "tokens": tokens,
+            })
+        if progress is not None:
+            progress(step / spec.max_steps, {"step": step, **logs})
+
+    if stopped == "max_steps" and best_step != step:
+        load_trainable(model, best_state)
+    final = scope_metrics(model, data, pad_id)
+    return Outcome(
+        steps=step, stopped=stopped, best_step=best_step, base=base, final=final,
+        curve=curve, evals=evals, resumed_from=resumed_from, tokens=tokens,
+        seconds=time.perf_counter() - start,
+    )
