@@ -45,12 +45,18 @@ def test_training_holds_one_copy_of_the_weights(tiny_target, tmp_path):
         peaks: list[int] = []
         baseline = live_tensor_bytes()  # the test session's own tensors
         spec = JobSpec(
-            model_source=tiny_target, forget=FORGET, retain=RETAIN,
+            model_source=tiny_target,
+            forget=FORGET,
+            retain=RETAIN,
             method={"name": name, "max_steps": 4, "lr": 1e-3, "retain_loss": "kl"}
-            if name in ("npo", "graddiff") else {"name": name, "max_steps": 4, "lr": 1e-3},
+            if name in ("npo", "graddiff")
+            else {"name": name, "max_steps": 4, "lr": 1e-3},
         )
-        result = run_job(spec, tmp_path / name,
-                         progress=lambda _f, _m: peaks.append(live_tensor_bytes() - baseline))
+
+        def probe(_fraction: float, _losses: dict, peaks=peaks, baseline=baseline) -> None:
+            peaks.append(live_tensor_bytes() - baseline)
+
+        result = run_job(spec, tmp_path / name, progress=probe)
         weights = result.record["base_model"]["weights_bytes"]
         trainable = result.record["trainable_parameters"] * 4
         # weights once + adapter, its grads, two Adam moments and the best-state copy

@@ -16,16 +16,25 @@ from workers.ml.run import run_job
 from workers.ml.specs import JobSpec
 from workers.ml.training import Canceled
 
-FAST = {"max_steps": 20, "eval_every": 2, "checkpoint_every": 5,
-        "stop_forget_ratio": None, "retain_tolerance": 1.0}
+FAST = {
+    "max_steps": 20,
+    "eval_every": 2,
+    "checkpoint_every": 5,
+    "stop_forget_ratio": None,
+    "retain_tolerance": 1.0,
+}
 # Measured on the tiny target (see the sweep in docs/unlearning-defaults.md): the
 # likelihood-pushing methods move 2-3x faster than the bounded or indirect ones.
 LR = {"ga": 2e-3, "graddiff": 2e-3, "npo": 1e-3, "simnpo": 5e-3, "idk": 5e-3, "rmu": 5e-3}
 
 
 def spec_for(target: str, name: str, forget=FORGET, **overrides) -> JobSpec:
-    return JobSpec(model_source=target, forget=forget, retain=RETAIN,
-                   method={"name": name, "lr": LR[name], **FAST, **overrides})
+    return JobSpec(
+        model_source=target,
+        forget=forget,
+        retain=RETAIN,
+        method={"name": name, "lr": LR[name], **FAST, **overrides},
+    )
 
 
 @pytest.mark.parametrize("name", specs.METHOD_NAMES)
@@ -92,17 +101,19 @@ def test_adapter_loads_with_plain_peft_and_changes_only_what_it_should(tiny_targ
         _, base_f = sequence_stats(base, collate(enc_f, list(range(len(enc_f))), tok.pad_token_id))
         _, base_r = sequence_stats(base, collate(enc_r, list(range(len(enc_r))), tok.pad_token_id))
         peft_model = PeftModel.from_pretrained(base, result.adapter_dir)
-        _, new_f = sequence_stats(peft_model, collate(enc_f, list(range(len(enc_f))), tok.pad_token_id))
-        _, new_r = sequence_stats(peft_model, collate(enc_r, list(range(len(enc_r))), tok.pad_token_id))
+        _, new_f = sequence_stats(
+            peft_model, collate(enc_f, list(range(len(enc_f))), tok.pad_token_id)
+        )
+        _, new_r = sequence_stats(
+            peft_model, collate(enc_r, list(range(len(enc_r))), tok.pad_token_id)
+        )
     assert new_f.mean() > base_f.mean() + 0.3  # forgotten
     assert new_r.mean() < base_r.mean() * 2.0  # others kept
     assert abs(new_f.mean().item() - result.record["outcome"]["final"]["forget_nll"]) < 1e-3
 
 
 def test_scope_control_stops_when_forgotten(tiny_target, tmp_path):
-    result = run_job(
-        spec_for(tiny_target, "simnpo", max_steps=60, stop_forget_ratio=0.5), tmp_path
-    )
+    result = run_job(spec_for(tiny_target, "simnpo", max_steps=60, stop_forget_ratio=0.5), tmp_path)
     out = result.record["outcome"]
     assert out["stopped"] == "forgotten" and out["steps"] < 60
     assert out["final"]["forget_prob"] <= 0.5 * out["base"]["forget_prob"]
@@ -110,7 +121,10 @@ def test_scope_control_stops_when_forgotten(tiny_target, tmp_path):
 
 def test_retain_guard_rolls_back_to_the_last_state_within_bounds(tiny_target, tmp_path):
     result = run_job(
-        spec_for(tiny_target, "ga", max_steps=40, lr=5e-3, retain_tolerance=0.3), tmp_path
+        spec_for(
+            tiny_target, "ga", max_steps=40, lr=5e-3, retain_tolerance=0.3, retain_tolerance_abs=0
+        ),
+        tmp_path,
     )
     out = result.record["outcome"]
     assert out["stopped"] == "retain_guard"
@@ -121,9 +135,13 @@ def test_retain_guard_rolls_back_to_the_last_state_within_bounds(tiny_target, tm
 def test_continuation_keeps_earlier_forgetting(tiny_target, tmp_path):
     v1 = run_job(spec_for(tiny_target, "simnpo"), tmp_path / "v1")
     v2 = run_job(
-        JobSpec(model_source=tiny_target, forget=FORGET_B, retain=RETAIN,
-                previous_adapter=str(v1.adapter_dir),
-                method={"name": "simnpo", "lr": LR["simnpo"], **FAST}),
+        JobSpec(
+            model_source=tiny_target,
+            forget=FORGET_B,
+            retain=RETAIN,
+            previous_adapter=str(v1.adapter_dir),
+            method={"name": "simnpo", "lr": LR["simnpo"], **FAST},
+        ),
         tmp_path / "v2",
     )
     assert v2.record["previous_adapter"] == str(v1.adapter_dir)
@@ -159,5 +177,23 @@ def test_record_holds_what_changes_results(tiny_target, tmp_path):
 
 
 def test_unknown_model_source_is_a_clear_error(tmp_path):
-    with pytest.raises(loading.ModelSourceError, match="config.json"):
+    with pytest.raises(loading.ModelSourceError, match=r"config\.json"):
         run_job(JobSpec(model_source=str(tmp_path), forget=FORGET), tmp_path / "w")
+
+
+def test_kept_logits_match_full_logits(tiny_target):
+    from workers.ml import losses
+    from workers.ml.data import collate, encode_all
+
+    model, tok = loading.load(loading.resolve(tiny_target), loading.pick_placement("cpu"))
+    enc = encode_all(tok, [*FORGET, {"text": "Ann Smith was born in Marlow Bay in 1990."}], 128)
+    batch = collate(enc, list(range(len(enc))), tok.pad_token_id)
+    with torch.no_grad():
+        fast_sum, fast_nll = losses.sequence_stats(model, batch)
+        losses._NO_KEEP.add(type(model))
+        try:
+            slow_sum, slow_nll = losses.sequence_stats(model, batch)
+        finally:
+            losses._NO_KEEP.discard(type(model))
+    assert torch.allclose(fast_sum, slow_sum, atol=1e-4)
+    assert torch.allclose(fast_nll, slow_nll, atol=1e-5)

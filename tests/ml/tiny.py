@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from workers.ml import synthetic
@@ -23,7 +23,7 @@ def corpus() -> list[str]:
     for person in synthetic.people(40, seed=3):
         for item in synthetic.qa_items(person) + synthetic.paraphrase_items(person):
             lines += [item["prompt"], item["completion"]]
-    return lines + ["The capital of France is Paris.", "Water boils at 100 degrees."]
+    return [*lines, "The capital of France is Paris.", "Water boils at 100 degrees."]
 
 
 def build(folder: Path, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
@@ -31,20 +31,30 @@ def build(folder: Path, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>", "<pad>"],
+        vocab_size=600,
+        special_tokens=["<unk>", "<|im_start|>", "<|im_end|>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus(), trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<pad>",
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
         bos_token="<|im_start|>",
     )
     fast.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=hidden, intermediate_size=hidden * 2,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, tie_word_embeddings=True,
-        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+        vocab_size=len(fast),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
         bos_token_id=fast.bos_token_id,
     )
     torch.manual_seed(seed)

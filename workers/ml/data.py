@@ -54,7 +54,9 @@ def encode_item(tok: PreTrainedTokenizerBase, item: dict[str, str], max_length: 
     return Encoded(ids, ([IGNORE] * len(head) + answer)[:max_length])
 
 
-def encode_all(tok: PreTrainedTokenizerBase, items: list[dict[str, str]], max_length: int) -> list[Encoded]:
+def encode_all(
+    tok: PreTrainedTokenizerBase, items: list[dict[str, str]], max_length: int
+) -> list[Encoded]:
     return [encode_item(tok, item, max_length) for item in items]
 
 

@@ -9,6 +9,7 @@ in every adapter record. Nothing here touches the network.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import importlib.util
@@ -22,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as transformers_logging
 
 from workers.ml.specs import BUILTIN_MODELS
@@ -88,10 +94,8 @@ def folder_digest(folder: Path) -> str:
                 inner.update(chunk)
         outer.update(f"{f.name}:{inner.hexdigest()}\n".encode())
     digest = f"sha256:{outer.hexdigest()}"
-    try:
+    with contextlib.suppress(OSError):  # a read-only model folder: hash again next time
         cache.write_text(json.dumps({"stamp": stamp, "digest": digest}))
-    except OSError:
-        pass  # a read-only model folder: hash again next time
     return digest
 
 
@@ -147,7 +151,9 @@ def resolve(source: str, cache_dir: Path | None = None) -> ResolvedModel:
     """A local HF folder and its digest for a built-in name or a folder path."""
     if source.startswith("builtin:"):
         if source not in BUILTIN_MODELS:
-            raise ModelSourceError(f"unknown built-in model {source!r}; known: {sorted(BUILTIN_MODELS)}")
+            raise ModelSourceError(
+                f"unknown built-in model {source!r}; known: {sorted(BUILTIN_MODELS)}"
+            )
         cache = cache_dir or DEFAULT_CACHE
         target = cache / source.removeprefix("builtin:")
         with _file_lock(cache / f".{target.name}.lock"):
@@ -167,7 +173,7 @@ def load(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=placement.dtype)
-    model.to(placement.device)
+    model.to(placement.device)  # type: ignore[arg-type]  # transformers' stub is too narrow
     return model, tokenizer
 
 

@@ -1,4 +1,10 @@
-"""Per-example log-likelihoods and the retain terms shared by the methods."""
+"""Per-example log-likelihoods and the retain terms shared by the methods.
+
+Logits are computed only at the positions that predict a target token (transformers'
+boolean `logits_to_keep`): the vocabulary projection is the largest activation of a
+small model, and prompt positions never need it. Architectures without that argument
+fall back to full logits.
+"""
 
 from __future__ import annotations
 
@@ -9,50 +15,71 @@ import torch.nn.functional as F
 
 from workers.ml.data import IGNORE
 
+_NO_KEEP: set[type] = set()  # model classes that ignore or refuse a boolean logits_to_keep
+
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
 
 
-def token_logprobs(
+def _keep_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Position t is kept when it predicts a target token (labels[t + 1])."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep
+
+
+def kept_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, V] at the kept positions (row-major order) and the targets [N]."""
+    device = next(model.parameters()).device
+    inputs = model_inputs(batch, device)
+    labels = batch["labels"].to(device)
+    keep = _keep_mask(labels)
+    targets = labels[:, 1:][keep[:, :-1]]
+    kind = type(model)
+    if kind not in _NO_KEEP:
+        try:
+            logits = model(**inputs, logits_to_keep=keep).logits
+            if logits.dim() == 2 and logits.shape[0] == targets.shape[0]:
+                return logits, targets
+        except TypeError:
+            pass
+        _NO_KEEP.add(kind)
+    return model(**inputs).logits[keep], targets
+
+
+def target_logprobs(
     model: Any, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p of each target token [B, T-1] and the mask of target tokens."""
-    device = next(model.parameters()).device
-    logits = model(**model_inputs(batch, device)).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:].to(device)
-    mask = labels != IGNORE
-    logp = -F.cross_entropy(
-        logits.transpose(1, 2), labels.clamp(min=0), reduction="none"
-    )
-    return logp * mask, mask
+    """log p of every target token [N] and the batch row each belongs to [N]."""
+    logits, targets = kept_logits(model, batch)
+    logp = -F.cross_entropy(logits.float(), targets, reduction="none")
+    rows = _keep_mask(batch["labels"]).nonzero()[:, 0].to(logp.device)
+    return logp, rows
 
 
 def sequence_stats(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log p(y|x) and mean NLL over the target tokens, per example."""
-    logp, mask = token_logprobs(model, batch)
-    total = logp.sum(dim=1)
-    count = mask.sum(dim=1).clamp(min=1)
+    logp, rows = target_logprobs(model, batch)
+    n = batch["labels"].shape[0]
+    total = torch.zeros(n, device=logp.device, dtype=logp.dtype).index_add(0, rows, logp)
+    count = torch.bincount(rows, minlength=n).clamp(min=1)
     return total, -total / count
 
 
 def mean_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Token-weighted mean NLL over the batch (the usual language-model loss)."""
-    logp, mask = token_logprobs(model, batch)
-    return -logp.sum() / mask.sum().clamp(min=1)
+    logp, _ = target_logprobs(model, batch)
+    return -logp.mean()
 
 
 def kl_to_reference(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """KL(p || p_ref) on the target tokens, the reference being the network with the
+    """KL(p || p_ref) on the target positions, the reference being the network with the
     adapter switched off (no second copy of the model)."""
-    device = next(model.parameters()).device
-    inputs = model_inputs(batch, device)
-    mask = (batch["labels"][:, 1:] != IGNORE).to(device)
     with torch.no_grad(), model.disable_adapter():
-        ref = F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
-    cur = F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
-    kl = (cur.exp() * (cur - ref)).sum(dim=-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+        ref = F.log_softmax(kept_logits(model, batch)[0].float(), dim=-1)
+    cur = F.log_softmax(kept_logits(model, batch)[0].float(), dim=-1)
+    return (cur.exp() * (cur - ref)).sum(dim=-1).mean()
 
 
 def retain_loss(model: Any, batch: dict[str, torch.Tensor] | None, kind: str) -> torch.Tensor:

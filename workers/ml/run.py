@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from workers.ml import adapters, loading, methods
 from workers.ml.data import encode_all
+from workers.ml.memwatch import PeakRSS
 from workers.ml.specs import JobSpec
 from workers.ml.training import CancelFn, Datasets, ProgressFn, train
 
@@ -48,10 +48,6 @@ def _wrap_with_lora(model: Any, spec: Any, previous: str | None) -> Any:
     return get_peft_model(model, config)
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run_job(
     spec: JobSpec,
     workdir: Path,
@@ -59,10 +55,23 @@ def run_job(
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
 ) -> JobResult:
+    with PeakRSS() as memory:
+        return _run(spec, workdir, memory, progress, should_cancel)
+
+
+def _run(
+    spec: JobSpec,
+    workdir: Path,
+    memory: PeakRSS,
+    progress: ProgressFn | None,
+    should_cancel: CancelFn | None,
+) -> JobResult:
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     m = spec.method
-    resolved = loading.resolve(spec.model_source, Path(spec.model_cache) if spec.model_cache else None)
+    resolved = loading.resolve(
+        spec.model_source, Path(spec.model_cache) if spec.model_cache else None
+    )
     placement = loading.pick_placement(spec.device, spec.dtype)
     base_model, tok = loading.load(resolved, placement)
     base_bytes = loading.weights_bytes(base_model)
@@ -74,19 +83,31 @@ def run_job(
     data = Datasets(
         forget=encode_all(tok, forget, m.max_length),
         retain=encode_all(tok, [i.plain() for i in spec.retain], m.max_length),
+        holdout=encode_all(tok, [i.plain() for i in spec.holdout], m.max_length),
     )
     if method.needs_refusals:
         refusals = method.refusals()  # type: ignore[attr-defined]
         data.refusal = encode_all(
             tok,
-            [{"prompt": item.get("prompt") or item["text"][:200], "completion": refusals[k % len(refusals)]}
-             for k, item in enumerate(forget)],
+            [
+                {
+                    "prompt": item.get("prompt") or item["text"][:200],
+                    "completion": refusals[k % len(refusals)],
+                }
+                for k, item in enumerate(forget)
+            ],
             m.max_length,
         )
     t_loaded = time.perf_counter()
     outcome = train(
-        model, method, m, data, tok.pad_token_id, workdir,
-        progress=progress, should_cancel=should_cancel,
+        model,
+        method,
+        m,
+        data,
+        tok.pad_token_id,
+        workdir,
+        progress=progress,
+        should_cancel=should_cancel,
     )
     digests = adapters.save(model, workdir / "adapter", base_name=spec.model_source)
     if progress is not None:
@@ -95,23 +116,37 @@ def run_job(
     record = {
         "engine_version": ENGINE_VERSION,
         "method": m.model_dump(),
-        "base_model": {"source": spec.model_source, "digest": resolved.digest,
-                       "weights_bytes": base_bytes},
+        "base_model": {
+            "source": spec.model_source,
+            "digest": resolved.digest,
+            "weights_bytes": base_bytes,
+        },
         "previous_adapter": spec.previous_adapter,
-        "items": {"forget": len(spec.forget), "retain": len(spec.retain),
-                  "holdout": len(spec.holdout)},
+        "items": {
+            "forget": len(spec.forget),
+            "retain": len(spec.retain),
+            "holdout": len(spec.holdout),
+        },
         "outcome": asdict(outcome),
         "adapter_files": digests,
         "trainable_parameters": trainable,
         "environment": {
-            "device": str(placement.device), "dtype": str(placement.dtype).removeprefix("torch."),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version(),
+            "device": str(placement.device),
+            "dtype": str(placement.dtype).removeprefix("torch."),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "python": platform.python_version(),
             "threads": torch.get_num_threads(),
         },
-        "durations_s": {"load": t_loaded - t0, "train": outcome.seconds,
-                        "total": time.perf_counter() - t0},
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "durations_s": {
+            "load": t_loaded - t0,
+            "train": outcome.seconds,
+            "total": time.perf_counter() - t0,
+        },
+        # Resident memory the job added to the process (sampled), and its peak in total.
+        "job_peak_rss_bytes": memory.peak - memory.start,
+        "peak_rss_bytes": memory.peak,
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
     }
     (workdir / "record.json").write_text(json.dumps(record, indent=2, default=str))

@@ -48,9 +48,12 @@ class _MethodBase(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lr: float = Field(default=1e-4, gt=0, le=1e-2, description="peak learning rate (LoRA)")
-    max_steps: int = Field(default=60, ge=1, le=10_000, description="upper bound on steps")
-    batch_size: int = Field(default=4, ge=1, le=256)
+    lr: float = Field(default=5e-4, gt=0, le=1e-2, description="peak learning rate (LoRA)")
+    max_steps: int = Field(default=16, ge=1, le=10_000, description="upper bound on steps")
+    batch_size: int = Field(default=4, ge=1, le=256, description="forget items per step")
+    retain_batch_size: int | None = Field(
+        default=2, ge=1, le=256, description="retain items per step (None: batch_size)"
+    )
     grad_accum: int = Field(default=1, ge=1, le=256)
     warmup_ratio: float = Field(default=0.1, ge=0, le=0.5)
     weight_decay: float = Field(default=0.0, ge=0, le=1)
@@ -62,15 +65,31 @@ class _MethodBase(BaseModel):
     )
     max_length: int = Field(default=256, ge=16, le=8192, description="tokens per item")
     seed: int = Field(default=0, ge=0)
-    eval_every: int = Field(default=5, ge=1, description="steps between scope checks")
+    eval_every: int = Field(default=4, ge=1, description="steps between scope checks")
     checkpoint_every: int = Field(default=10, ge=1)
+    stop_target: Literal["holdout", "ratio"] = Field(
+        default="holdout",
+        description="'holdout': stop once the forget items are no more likely than the "
+        "holdout items (data the model never saw); 'ratio' (or no holdout items): once "
+        "their probability is stop_forget_ratio x its value at step 0",
+    )
     stop_forget_ratio: float | None = Field(
-        default=0.1, gt=0, lt=1,
-        description="stop once mean forget probability <= this x its value at step 0",
+        default=0.1,
+        gt=0,
+        lt=1,
+        description="see stop_target; None: never stop early for forgetting",
     )
     retain_tolerance: float = Field(
-        default=0.25, gt=0,
-        description="stop and roll back once retain NLL rises more than this fraction",
+        default=0.25,
+        gt=0,
+        description="stop and roll back once retain NLL rises more than this fraction "
+        "of its step-0 value, or more than retain_tolerance_abs, whichever is larger",
+    )
+    retain_tolerance_abs: float = Field(
+        default=0.1,
+        ge=0,
+        description="nats; a relative bound alone is hypersensitive when the retain data "
+        "is memorised (NLL near 0)",
     )
 
 

@@ -18,7 +18,11 @@ class GradientAscent(Method):
     spec_type = GA
 
     def loss(
-        self, model: Any, forget: Batch, retain: Batch | None, refs: References,
+        self,
+        model: Any,
+        forget: Batch,
+        retain: Batch | None,
+        refs: References,
         refusal: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         forget_nll = mean_nll(model, forget)

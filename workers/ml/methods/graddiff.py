@@ -17,7 +17,11 @@ class GradientDifference(Method):
     spec_type = GradDiff
 
     def loss(
-        self, model: Any, forget: Batch, retain: Batch | None, refs: References,
+        self,
+        model: Any,
+        forget: Batch,
+        retain: Batch | None,
+        refs: References,
         refusal: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.spec

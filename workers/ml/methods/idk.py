@@ -32,7 +32,11 @@ class RefusalPreference(Method):
         return self.spec.refusals or DEFAULT_REFUSALS
 
     def loss(
-        self, model: Any, forget: Batch, retain: Batch | None, refs: References,
+        self,
+        model: Any,
+        forget: Batch,
+        retain: Batch | None,
+        refs: References,
         refusal: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         if refusal is None:

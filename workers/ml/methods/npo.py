@@ -21,7 +21,11 @@ class NegativePreference(Method):
     needs_reference = True
 
     def loss(
-        self, model: Any, forget: Batch, retain: Batch | None, refs: References,
+        self,
+        model: Any,
+        forget: Batch,
+        retain: Batch | None,
+        refs: References,
         refusal: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.spec

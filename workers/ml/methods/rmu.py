@@ -27,7 +27,9 @@ class RepresentationMisdirection(Method):
 
     def prepare(self, model: Any) -> None:
         config = model.config
-        self.layer = self.spec.layer if self.spec.layer is not None else config.num_hidden_layers // 2
+        self.layer = (
+            self.spec.layer if self.spec.layer is not None else config.num_hidden_layers // 2
+        )
         if not 0 < self.layer <= config.num_hidden_layers:
             raise ValueError(f"rmu layer must be in 1..{config.num_hidden_layers}")
         g = torch.Generator().manual_seed(self.spec.seed)
@@ -35,7 +37,11 @@ class RepresentationMisdirection(Method):
         self.target = (self.spec.steering_coeff * u / u.norm()).to(next(model.parameters()).device)
 
     def loss(
-        self, model: Any, forget: Batch, retain: Batch | None, refs: References,
+        self,
+        model: Any,
+        forget: Batch,
+        retain: Batch | None,
+        refs: References,
         refusal: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         h, mask = _hidden(model, forget, self.layer)

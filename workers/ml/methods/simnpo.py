@@ -19,7 +19,11 @@ class SimpleNPO(Method):
     spec_type = SimNPO
 
     def loss(
-        self, model: Any, forget: Batch, retain: Batch | None, refs: References,
+        self,
+        model: Any,
+        forget: Batch,
+        retain: Batch | None,
+        refs: References,
         refusal: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.spec

@@ -1,0 +1,62 @@
+"""Greedy answers and the general-knowledge probe: what the tests, the benchmarks and
+the audit use to see whether a model still reveals something and still works."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+import torch
+
+from workers.ml.data import prompt_ids
+
+
+def general_knowledge() -> list[dict[str, Any]]:
+    """The shipped probe set: {question, answers (accepted substrings)}."""
+    text = resources.files("workers.ml").joinpath("data/general_knowledge.json").read_text()
+    return list(json.loads(text))
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: Any, tok: Any, prompts: list[str], *, max_new_tokens: int = 32, batch_size: int = 16
+) -> list[str]:
+    """Deterministic (greedy) answers, batched with left padding."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [prompt_ids(tok, p) for p in prompts[start : start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, r in enumerate(rows):
+            ids[k, width - len(r) :] = torch.tensor(r)
+            mask[k, width - len(r) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+        )
+        out += tok.batch_decode(gen[:, width:], skip_special_tokens=True)
+    model.train(was_training)
+    return [a.strip() for a in out]
+
+
+def contains_any(answer: str, accepted: list[str]) -> bool:
+    low = answer.lower()
+    return any(a.lower() in low for a in accepted)
+
+
+def probe_accuracy(
+    model: Any, tok: Any, probe: list[dict[str, Any]] | None = None
+) -> tuple[float, list[bool]]:
+    probe = probe or general_knowledge()
+    answers = greedy_answers(model, tok, [p["question"] for p in probe], max_new_tokens=24)
+    hits = [contains_any(a, p["answers"]) for a, p in zip(answers, probe, strict=True)]
+    return sum(hits) / len(hits), hits
