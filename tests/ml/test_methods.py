@@ -197,3 +197,19 @@ def test_kept_logits_match_full_logits(tiny_target):
             losses._NO_KEEP.discard(type(model))
     assert torch.allclose(fast_sum, slow_sum, atol=1e-4)
     assert torch.allclose(fast_nll, slow_nll, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_other_architectures_unlearn_too(tmp_path, family):
+    from tests.ml import tiny
+    from workers.ml.finetune import finetune
+
+    base = tiny.build(tmp_path / "base", family=family)
+    finetune(str(base), FORGET + RETAIN, tmp_path / "target", epochs=20, lr=3e-3, batch_size=8)
+    result = run_job(spec_for(str(tmp_path / "target"), "npo", lr=2e-3), tmp_path / "job")
+    out = result.record["outcome"]
+    assert out["final"]["forget_nll"] > out["base"]["forget_nll"] + 0.3, out["evals"]
+    base_model, _ = loading.load(
+        loading.resolve(str(tmp_path / "target")), loading.pick_placement()
+    )
+    assert PeftModel.from_pretrained(base_model, result.adapter_dir) is not None

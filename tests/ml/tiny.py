@@ -8,7 +8,15 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from workers.ml import synthetic
 
@@ -26,7 +34,9 @@ def corpus() -> list[str]:
     return [*lines, "The capital of France is Paris.", "Water boils at 100 degrees."]
 
 
-def build(folder: Path, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+def build(
+    folder: Path, *, layers: int = 2, hidden: int = 64, seed: int = 0, family: str = "llama"
+) -> Path:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
