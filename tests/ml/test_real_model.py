@@ -20,6 +20,12 @@ def _hits(model, tok, person) -> tuple[int, list[str]]:
     return sum(synthetic.revealed(answers, synthetic.item_secrets(person))), answers
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured 2026-11-28: with the default settings (npo, lr 5e-4, 16 steps) 11 of "
+    "the 20 answers about the forgotten person still state the secret value; see "
+    "docs/unlearning-defaults.md and BENCHMARKS.md",
+)
 def test_unlearning_one_person_on_the_builtin_model(tmp_path):
     people = synthetic.people(3, seed=11)
     items = [i for p in people for i in synthetic.qa_items(p)]
