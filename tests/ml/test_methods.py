@@ -206,7 +206,7 @@ def test_other_architectures_unlearn_too(tmp_path, family):
 
     base = tiny.build(tmp_path / "base", family=family)
     finetune(str(base), FORGET + RETAIN, tmp_path / "target", epochs=20, lr=3e-3, batch_size=8)
-    result = run_job(spec_for(str(tmp_path / "target"), "npo", lr=2e-3), tmp_path / "job")
+    result = run_job(spec_for(str(tmp_path / "target"), "npo"), tmp_path / "job")
     out = result.record["outcome"]
     assert out["final"]["forget_nll"] > out["base"]["forget_nll"] + 0.3, out["evals"]
     base_model, _ = loading.load(

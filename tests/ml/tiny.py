@@ -5,6 +5,7 @@ run on (seconds on a CPU, no download)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -54,21 +55,48 @@ def build(
         bos_token="<|im_start|>",
     )
     fast.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
-        bos_token_id=fast.bos_token_id,
-    )
+    special = {
+        "eos_token_id": fast.eos_token_id,
+        "pad_token_id": fast.pad_token_id,
+        "bos_token_id": fast.bos_token_id,
+    }
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model: Any
+    if family == "gpt2":  # Conv1D projections: PEFT's fan_in_fan_out path
+        config = GPT2Config(
+            vocab_size=len(fast),
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=4,
+            n_positions=512,
+            **special,
+        )
+        model = GPT2LMHeadModel(config)
+    elif family == "qwen2":
+        qwen = Qwen2Config(
+            vocab_size=len(fast),
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **special,
+        )
+        model = Qwen2ForCausalLM(qwen)
+    else:
+        llama = LlamaConfig(
+            vocab_size=len(fast),
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            **special,
+        )
+        model = LlamaForCausalLM(llama)
     model.save_pretrained(folder, safe_serialization=True)
     fast.save_pretrained(folder)
     return folder
