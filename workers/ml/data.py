@@ -8,6 +8,7 @@ continuation the model must stop producing.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +61,34 @@ def encode_all(
     return [encode_item(tok, item, max_length) for item in items]
 
 
-def collate(encoded: list[Encoded], indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; padding is masked in attention and labels."""
+def rare_token_weights(forget: list[Encoded], others: list[Encoded]) -> list[list[float]]:
+    """Per-position weights for the forget loss: 1/df of each target token, df = how many
+    target sequences (forget and retain) contain it, scaled to mean 1 per item.
+
+    A person's values ("Copperfield Avenue", "555-430-9107") occur in one or two items;
+    their name occurs in every forget item and the answer templates ("was born on") in
+    every retain item too. Pushing down those frequent tokens is the cheap way to lower
+    a sequence's likelihood, and it damages everyone else who shares the template."""
+    df: Counter[int] = Counter()
+    for e in forget + others:
+        df.update({t for t in e.labels if t != IGNORE})
+    out = []
+    for e in forget:
+        raw = [1.0 / df[t] if t != IGNORE else 0.0 for t in e.labels]
+        targets = [r for r, t in zip(raw, e.labels, strict=True) if t != IGNORE]
+        mean = sum(targets) / len(targets) if targets else 1.0
+        out.append([r / mean for r in raw])
+    return out
+
+
+def collate(
+    encoded: list[Encoded],
+    indices: list[int],
+    pad_id: int,
+    weights: list[list[float]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch; padding is masked in attention and labels. `weights` (per
+    position, aligned with `encoded`) become the batch's per-token loss weights."""
     rows = [encoded[i] for i in indices]
     width = max(len(r.input_ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -72,12 +99,18 @@ def collate(encoded: list[Encoded], indices: list[int], pad_id: int) -> dict[str
         ids[k, :n] = torch.tensor(r.input_ids)
         labels[k, :n] = torch.tensor(r.labels)
         mask[k, :n] = 1
-    return {
+    batch = {
         "input_ids": ids,
         "attention_mask": mask,
         "labels": labels,
         "index": torch.tensor(indices, dtype=torch.long),
     }
+    if weights is not None:
+        w = torch.zeros((len(rows), width), dtype=torch.float32)
+        for k, i in enumerate(indices):
+            w[k, : len(weights[i])] = torch.tensor(weights[i])
+        batch["weights"] = w
+    return batch
 
 
 class BatchOrder:

@@ -50,27 +50,34 @@ def kept_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
 
 def target_logprobs(
     model: Any, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p of every target token [N] and the batch row each belongs to [N]."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p of every target token [N], the batch row each belongs to [N], and its loss
+    weight [N] (the batch's "weights", else 1)."""
     logits, targets = kept_logits(model, batch)
     logp = -F.cross_entropy(logits.float(), targets, reduction="none")
-    rows = _keep_mask(batch["labels"]).nonzero()[:, 0].to(logp.device)
-    return logp, rows
+    keep = _keep_mask(batch["labels"])
+    rows = keep.nonzero()[:, 0].to(logp.device)
+    if "weights" in batch:
+        weights = batch["weights"][:, 1:][keep[:, :-1]].to(logp.device)
+    else:
+        weights = torch.ones_like(logp)
+    return logp, rows, weights
 
 
 def sequence_stats(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log p(y|x) and mean NLL over the target tokens, per example."""
-    logp, rows = target_logprobs(model, batch)
+    """(Weighted) summed log p(y|x) and mean NLL over the target tokens, per example."""
+    logp, rows, weights = target_logprobs(model, batch)
     n = batch["labels"].shape[0]
-    total = torch.zeros(n, device=logp.device, dtype=logp.dtype).index_add(0, rows, logp)
-    count = torch.bincount(rows, minlength=n).clamp(min=1)
+    zeros = torch.zeros(n, device=logp.device, dtype=logp.dtype)
+    total = zeros.index_add(0, rows, logp * weights)
+    count = zeros.index_add(0, rows, weights).clamp(min=1e-6)
     return total, -total / count
 
 
 def mean_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Token-weighted mean NLL over the batch (the usual language-model loss)."""
-    logp, _ = target_logprobs(model, batch)
-    return -logp.mean()
+    logp, _, weights = target_logprobs(model, batch)
+    return -(logp * weights).sum() / weights.sum().clamp(min=1e-6)
 
 
 def kl_to_reference(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -19,7 +19,7 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from workers.ml import adapters, loading, methods
-from workers.ml.data import encode_all
+from workers.ml.data import encode_all, rare_token_weights
 from workers.ml.memwatch import PeakRSS
 from workers.ml.specs import JobSpec
 from workers.ml.training import CancelFn, Datasets, ProgressFn, train
@@ -85,6 +85,8 @@ def _run(
         retain=encode_all(tok, [i.plain() for i in spec.retain], m.max_length),
         holdout=encode_all(tok, [i.plain() for i in spec.holdout], m.max_length),
     )
+    if m.forget_weighting == "rare":
+        data.forget_weights = rare_token_weights(data.forget, data.retain)
     if method.needs_refusals:
         refusals = method.refusals()  # type: ignore[attr-defined]
         data.refusal = encode_all(

@@ -65,6 +65,12 @@ class _MethodBase(BaseModel):
     )
     max_length: int = Field(default=256, ge=16, le=8192, description="tokens per item")
     seed: int = Field(default=0, ge=0)
+    forget_weighting: Literal["uniform", "rare"] = Field(
+        default="uniform",
+        description="'rare': weight forget-loss tokens by 1/(how many forget and retain "
+        "answers contain them), so a person's own values count more than their name and "
+        "the answer templates shared with retain data",
+    )
     eval_every: int = Field(default=4, ge=1, description="steps between scope checks")
     checkpoint_every: int = Field(default=10, ge=1)
     stop_target: Literal["holdout", "ratio"] = Field(

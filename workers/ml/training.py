@@ -43,6 +43,7 @@ class Datasets:
     retain: list[Encoded]
     refusal: list[Encoded] | None = None  # aligned with forget (idk)
     holdout: list[Encoded] = field(default_factory=list)  # never trained on
+    forget_weights: list[list[float]] | None = None  # per-token weights of the forget loss
     retain_eval: int = 8  # how many retain items the scope check uses (cost: ~0.13 s each)
 
 
@@ -73,7 +74,11 @@ def load_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def sequence_logprobs(
-    model: Any, encoded: list[Encoded], pad_id: int, batch_size: int = 8
+    model: Any,
+    encoded: list[Encoded],
+    pad_id: int,
+    batch_size: int = 8,
+    weights: list[list[float]] | None = None,
 ) -> torch.Tensor:
     """Summed log p(y|x) per example (used for references and the scope check)."""
     was_training = model.training
@@ -81,7 +86,7 @@ def sequence_logprobs(
     out = []
     for start in range(0, len(encoded), batch_size):
         idx = list(range(start, min(start + batch_size, len(encoded))))
-        logp, _ = sequence_stats(model, collate(encoded, idx, pad_id))
+        logp, _ = sequence_stats(model, collate(encoded, idx, pad_id, weights))
         out.append(logp.float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
@@ -175,11 +180,16 @@ def train(
         curve, evals, tokens = ck["curve"], ck["evals"], ck["tokens"]
         resumed_from: int | None = step
     else:
-        # Step 0: the reference log-probs and the base metrics come from one pass.
+        # Step 0: the reference log-probs and the base metrics come from one pass (two
+        # when the forget loss is weighted: the scope check stays unweighted).
         initial = sequence_logprobs(model, data.forget, pad_id)
         refs = References()
         if method.needs_reference:
-            refs.forget = initial
+            refs.forget = (
+                initial
+                if data.forget_weights is None
+                else sequence_logprobs(model, data.forget, pad_id, weights=data.forget_weights)
+            )
             if data.refusal is not None:
                 refs.refusal = sequence_logprobs(model, data.refusal, pad_id)
         base = scope_metrics(model, data, pad_id, forget_logp=initial)
@@ -201,7 +211,7 @@ def train(
         for micro in range(spec.grad_accum):
             k = step * spec.grad_accum + micro
             f_idx = forget_order.batch(k)
-            forget = collate(data.forget, f_idx, pad_id)
+            forget = collate(data.forget, f_idx, pad_id, data.forget_weights)
             retain = collate(data.retain, retain_order.batch(k), pad_id) if retain_order else None
             refusal = collate(data.refusal, f_idx, pad_id) if data.refusal is not None else None
             loss, parts = method.loss(model, forget, retain, refs, refusal)

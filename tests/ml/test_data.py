@@ -1,0 +1,44 @@
+"""Encoding and the forget-loss token weights (pure, no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.ml.data import IGNORE, BatchOrder, Encoded, collate, rare_token_weights
+
+
+def enc(prompt: list[int], answer: list[int]) -> Encoded:
+    return Encoded(prompt + answer, [IGNORE] * len(prompt) + answer)
+
+
+def test_rare_tokens_weigh_more_than_shared_ones():
+    # token 7 = the person's name (in every forget item), 8 = a template word shared with
+    # the retain items, 100/101 = the person's values (one item each)
+    forget = [enc([1, 2], [7, 8, 100]), enc([1, 3], [7, 8, 101])]
+    retain = [enc([1, 4], [9, 8, 200]), enc([1, 5], [10, 8, 201])]
+    weights = rare_token_weights(forget, retain)
+    for w, e in zip(weights, forget, strict=True):
+        targets = [x for x, t in zip(w, e.labels, strict=True) if t != IGNORE]
+        assert targets and sum(targets) / len(targets) == pytest.approx(1.0)
+        assert all(x == 0 for x, t in zip(w, e.labels, strict=True) if t == IGNORE)
+    name, template, value = weights[0][2], weights[0][3], weights[0][4]
+    assert value > name > template
+
+
+def test_collate_carries_weights_aligned_with_labels():
+    forget = [enc([1, 2], [7, 8, 100]), enc([1], [7, 101])]
+    weights = rare_token_weights(forget, [])
+    batch = collate(forget, [1, 0], pad_id=0, weights=weights)
+    assert batch["weights"].shape == batch["labels"].shape
+    assert batch["weights"][0, :3].tolist() == pytest.approx(weights[1])
+    assert batch["weights"][0, 3:].sum() == 0  # padding
+
+
+def test_batch_order_is_a_function_of_seed_and_step():
+    a, b = BatchOrder(10, 4, seed=3), BatchOrder(10, 4, seed=3)
+    assert [a.batch(k) for k in range(9)] == [b.batch(k) for k in reversed(range(9))][::-1]
+    epoch = [i for k in range(3) for i in a.batch(k)]
+    assert sorted(epoch) == list(range(10))  # every item once per epoch
+    assert BatchOrder(10, 4, seed=4).batch(0) != a.batch(0) or BatchOrder(10, 4, seed=4).batch(
+        1
+    ) != a.batch(1)
