@@ -213,3 +213,12 @@ def test_other_architectures_unlearn_too(tmp_path, family):
         loading.resolve(str(tmp_path / "target")), loading.pick_placement()
     )
     assert PeftModel.from_pretrained(base_model, result.adapter_dir) is not None
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_target, tmp_path):
+    plain = run_job(spec_for(tiny_target, "npo", max_steps=6), tmp_path / "plain")
+    ckpt = run_job(
+        spec_for(tiny_target, "npo", max_steps=6, gradient_checkpointing=True), tmp_path / "gc"
+    )
+    wa, wb = _adapter(plain.adapter_dir), _adapter(ckpt.adapter_dir)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)

@@ -75,6 +75,11 @@ def _run(
     placement = loading.pick_placement(spec.device, spec.dtype)
     base_model, tok = loading.load(resolved, placement)
     base_bytes = loading.weights_bytes(base_model)
+    if m.gradient_checkpointing:
+        base_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        base_model.enable_input_require_grads()  # LoRA: the embeddings are frozen
     model = _wrap_with_lora(base_model, m, spec.previous_adapter)
     method = methods.build(m)
     method.prepare(model)

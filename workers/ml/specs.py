@@ -64,6 +64,10 @@ class _MethodBase(BaseModel):
         default="all-linear", description="module names to adapt, or every linear layer"
     )
     max_length: int = Field(default=256, ge=16, le=8192, description="tokens per item")
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="recompute activations in the backward pass: less memory, more compute",
+    )
     seed: int = Field(default=0, ge=0)
     forget_weighting: Literal["uniform", "rare"] = Field(
         default="uniform",
