@@ -30,3 +30,39 @@ def target(
             flush=True,
         )
     return out, people
+
+
+def unlearn_first_person(folder: Path, people: list, method: dict, workdir: Path) -> tuple:
+    """Forget people[0] (retain: the others, holdout: a synthetic stand-in) and summarise
+    the run: (JobResult, row of figures)."""
+    import shutil
+
+    from workers.ml.run import run_job
+    from workers.ml.specs import JobSpec
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    spec = JobSpec(
+        model_source=str(folder),
+        forget=synthetic.qa_items(people[0]),
+        retain=[i for p in people[1:] for i in synthetic.qa_items(p)],
+        holdout=synthetic.holdout_for(people[0]),
+        method=method,
+    )
+    t = time.perf_counter()
+    result = run_job(spec, workdir)
+    out, record = result.record["outcome"], result.record
+    base, final = out["base"], out["final"]
+    row = {
+        "stopped": out["stopped"],
+        "steps": out["steps"],
+        "best_step": out["best_step"],
+        "train_s": round(out["seconds"], 1),
+        "job_wall_s": round(time.perf_counter() - t, 1),
+        "tokens_per_s": round(out["tokens"] / out["seconds"], 1),
+        "job_peak_rss_gb": round(record["job_peak_rss_bytes"] / 2**30, 2),
+        "weights_gb": round(record["base_model"]["weights_bytes"] / 2**30, 2),
+        "forget_prob": [round(base["forget_prob"], 3), round(final["forget_prob"], 3)],
+        "holdout_prob": round(base.get("holdout_prob", float("nan")), 3),
+        "retain_nll": [round(base["retain_nll"], 3), round(final["retain_nll"], 3)],
+    }
+    return result, row

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import time
 
-from benchmarks.common import BENCH_DIR, target
+from benchmarks.common import BENCH_DIR, target, unlearn_first_person
 from workers.ml import evaluate, loading, synthetic
-from workers.ml.run import run_job
-from workers.ml.specs import METHOD_NAMES, JobSpec
+from workers.ml.specs import METHOD_NAMES
 
 
 def secret_hits(model, tok, person) -> int:
@@ -50,44 +47,15 @@ def main() -> None:
     overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
 
     folder, people = target()
-    retain = [i for p in people[1:] for i in synthetic.qa_items(p)]
     before = None if args.no_eval else measure(folder, None, people)
     if before:
         print("before", json.dumps(before), flush=True)
     rows = []
     for name in args.methods.split(","):
-        workdir = BENCH_DIR / "runs" / name
-        shutil.rmtree(workdir, ignore_errors=True)
-        spec = JobSpec(
-            model_source=str(folder),
-            forget=synthetic.qa_items(people[0]),
-            retain=retain,
-            holdout=synthetic.holdout_for(people[0]),
-            method={"name": name, **overrides},
+        result, row = unlearn_first_person(
+            folder, people, {"name": name, **overrides}, BENCH_DIR / "runs" / name
         )
-        t = time.perf_counter()
-        result = run_job(spec, workdir)
-        wall = time.perf_counter() - t
-        out = result.record["outcome"]
-        row = {
-            "method": name,
-            "stopped": out["stopped"],
-            "steps": out["steps"],
-            "train_s": round(out["seconds"], 1),
-            "job_wall_s": round(wall, 1),
-            "tokens_per_s": round(out["tokens"] / out["seconds"], 1),
-            "job_peak_rss_gb": round(result.record["job_peak_rss_bytes"] / 2**30, 2),
-            "weights_gb": round(result.record["base_model"]["weights_bytes"] / 2**30, 2),
-            "forget_prob": [
-                round(out["base"]["forget_prob"], 3),
-                round(out["final"]["forget_prob"], 3),
-            ],
-            "holdout_prob": round(out["base"].get("holdout_prob", float("nan")), 3),
-            "retain_nll": [
-                round(out["base"]["retain_nll"], 3),
-                round(out["final"]["retain_nll"], 3),
-            ],
-        }
+        row = {"method": name, **row}
         if not args.no_eval:
             row |= measure(folder, result.adapter_dir, people)
         rows.append(row)
