@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import DateTime, Engine, MetaData, Select, create_engine, event
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -71,6 +71,16 @@ def is_uuid(value: str) -> bool:
     except ValueError:
         return False
     return len(value) == 36
+
+
+def is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def claim_rows(query: Select[Any], session: Session) -> Select[Any]:
+    """Row locks that other claimers skip (PostgreSQL). SQLite needs none: every
+    transaction here starts with BEGIN IMMEDIATE, which already serialises writers."""
+    return query.with_for_update(skip_locked=True) if is_postgres(session) else query
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -25,7 +25,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import get_settings
-from service.db import get_sessionmaker, session_scope, utcnow
+from service.db import claim_rows, get_sessionmaker, session_scope, utcnow
 from service.erasure_requests import service as requests_svc
 from service.erasure_requests.models import ErasureRequest
 from service.jobs import service as jobs
@@ -58,8 +58,7 @@ def batch_pending(
         .order_by(ErasureRequest.received_at, ErasureRequest.id)
         .limit(scan_limit)
     )
-    if session.get_bind().dialect.name == "postgresql":
-        q = q.with_for_update(skip_locked=True)
+    q = claim_rows(q, session)
     groups: dict[tuple[str, str], list[ErasureRequest]] = defaultdict(list)
     for req in session.scalars(q):
         groups[(req.model_id, req.method_key)].append(req)
@@ -99,8 +98,7 @@ def send_pending(
         .order_by(Job.created_at)
         .limit(200)
     )
-    if session.get_bind().dialect.name == "postgresql":
-        q = q.with_for_update(skip_locked=True)
+    q = claim_rows(q, session)
     sent: list[str] = []
     for job in session.scalars(q).all():
         try:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from service.access.service import Principal
 from service.config import get_settings
 from service.crypto import canonical_json, get_cipher, salted_item_hashes, sha256_hex
-from service.db import is_uuid, new_id, utcnow
+from service.db import claim_rows, is_postgres, is_uuid, new_id, utcnow
 from service.erasure_requests.models import ErasureRequest
 from service.erasure_requests.schemas import ErasureRequestCreate
 from service.errors import Problem, not_found
@@ -45,7 +45,7 @@ class Submission:
 def _idempotency_lock(session: Session, tenant_id: str, key: str) -> None:
     """On PostgreSQL, a second writer with the same key while the first transaction is
     open gets 409 instead of waiting. SQLite serialises writers with BEGIN IMMEDIATE."""
-    if session.get_bind().dialect.name != "postgresql":
+    if not is_postgres(session):
         return
     got = session.scalar(
         text("SELECT pg_try_advisory_xact_lock(hashtext(:t), hashtext(:k))"),
@@ -271,7 +271,7 @@ def _withdraw(
     session: Session, principal: Principal, request_id: str, to: RequestStatus, reason: str
 ) -> ErasureRequest:
     req = get_for(session, principal=principal, request_id=request_id)
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgres(session):
         session.refresh(req, with_for_update=True)  # a dispatcher may be claiming it
     if RequestStatus(req.status) not in REQUEST_CANCELABLE:
         verb, slug = (
@@ -323,9 +323,7 @@ def purge_due(session: Session, *, now: datetime | None = None, actor: str = "pu
         )
         .limit(500)
     )
-    if session.get_bind().dialect.name == "postgresql":
-        q = q.with_for_update(skip_locked=True)
-    rows = list(session.scalars(q))
+    rows = list(session.scalars(claim_rows(q, session)))
     for req in rows:
         purge_data(session, req, actor=actor, why="retention period elapsed")
     return len(rows)

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from service.access.service import Principal
 from service.config import get_settings
-from service.db import is_uuid, utcnow
+from service.db import claim_rows, is_postgres, is_uuid, utcnow
 from service.erasure_requests import service as requests_svc
 from service.erasure_requests.models import ErasureRequest
 from service.errors import not_found
@@ -30,10 +30,6 @@ from service.states import (
 from service.trail import service as trail
 
 J = JobStage
-
-
-def _is_pg(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
 
 
 def requests_of(session: Session, job_id: str) -> list[ErasureRequest]:
@@ -147,7 +143,7 @@ def claim(session: Session, *, job_id: str, worker_id: str) -> Job | None:
     q = select(Job).where(Job.id == job_id, Job.stage == J.QUEUED.value)
     # Wait for the lock rather than skip it: the dispatcher may still hold the row for
     # the moment between sending this task and committing `enqueued_at`.
-    job = session.scalar(q.with_for_update() if _is_pg(session) else q)
+    job = session.scalar(q.with_for_update() if is_postgres(session) else q)
     if job is None:
         return None
     if not live_requests(session, job.id):
@@ -168,7 +164,7 @@ def heartbeat(
 ) -> JobStage:
     """Record liveness and progress; returns the stage so a worker notices a cancel or
     a reap (a job taken away from it is no longer its own)."""
-    job = session.get(Job, job_id, with_for_update=_is_pg(session))
+    job = session.get(Job, job_id, with_for_update=is_postgres(session))
     if job is None:
         raise not_found("job", job_id)
     if job.worker_id == worker_id and JobStage(job.stage) in JOB_ACTIVE:
@@ -187,7 +183,7 @@ def requeue(session: Session, job: Job, *, actor: str, reason: str) -> None:
 
 
 def cancel_if_empty(session: Session, *, job_id: str, actor: str) -> bool:
-    job = session.get(Job, job_id, with_for_update=_is_pg(session))
+    job = session.get(Job, job_id, with_for_update=is_postgres(session))
     if job is None or job.stage != J.QUEUED.value or live_requests(session, job_id):
         return False
     advance(session, job, J.CANCELED, actor=actor)
@@ -205,9 +201,10 @@ def reap(session: Session, *, now: datetime | None = None, actor: str = "reaper"
     settings = get_settings()
     now = now or utcnow()
     cutoff = now - timedelta(seconds=settings.heartbeat_timeout_seconds)
-    q = select(Job).where(Job.stage.in_([s.value for s in JOB_ACTIVE]), Job.heartbeat_at < cutoff)
-    if _is_pg(session):
-        q = q.with_for_update(skip_locked=True)
+    q = claim_rows(
+        select(Job).where(Job.stage.in_([s.value for s in JOB_ACTIVE]), Job.heartbeat_at < cutoff),
+        session,
+    )
     out: list[Reaped] = []
     for job in session.scalars(q).all():
         silent = (

@@ -16,7 +16,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from service.crypto import canonical_json, sha256_hex
-from service.db import utcnow
+from service.db import is_postgres, utcnow
 from service.trail.models import AuditEvent
 
 GENESIS = "0" * 64
@@ -53,7 +53,7 @@ def record(
     tenant_id: str | None = None,
 ) -> AuditEvent:
     """Append one event in the caller's transaction; it commits or rolls back with it."""
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgres(session):
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
     last = session.execute(
         select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)

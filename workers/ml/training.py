@@ -31,6 +31,7 @@ from workers.ml.methods.base import Method, References
 ProgressFn = Callable[[float, dict[str, float]], None]
 CancelFn = Callable[[], bool]
 CHECKPOINT = "checkpoint.pt"
+SCOPE_KEYS = ("forget_prob", "forget_nll", "retain_nll")  # what scope_metrics measures
 
 
 class Canceled(Exception):
@@ -260,9 +261,10 @@ def train(
         if progress is not None:
             progress(step / spec.max_steps, {"step": step, **logs})
 
-    if stopped == "max_steps" and best_step != step:
-        load_trainable(model, best_state)
-    final = scope_metrics(model, data, pad_id)
+    # The model now holds best_state, which the check at best_step already measured
+    # (a check is forced at max_steps, so only the retain guard leaves best_step < step).
+    measured = next(e for e in evals if e["step"] == best_step)
+    final = {k: v for k, v in measured.items() if k in SCOPE_KEYS}
     return Outcome(
         steps=step,
         stopped=stopped,

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel
 
+from workers.ml.losses import retain_loss
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -46,6 +48,14 @@ class Method:
         refusal: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
+
+    def with_retain(
+        self, model: Any, retain: Batch | None, forget_term: torch.Tensor, logs: dict[str, float]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """gamma * forget_term + alpha * the spec's retain loss (NLL or KL)."""
+        keep = retain_loss(model, retain, self.spec.retain_loss)
+        loss = self.spec.gamma * forget_term + self.spec.alpha * keep
+        return loss, {**logs, "retain_loss": keep.item()}
 
 
 REGISTRY: dict[str, type[Method]] = {}

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from workers.ml.losses import mean_nll, retain_loss
+from workers.ml.losses import mean_nll
 from workers.ml.methods.base import Batch, Method, References, register
 from workers.ml.specs import GradDiff
 
@@ -24,8 +24,5 @@ class GradientDifference(Method):
         refs: References,
         refusal: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        s = self.spec
         forget_nll = mean_nll(model, forget)
-        keep = retain_loss(model, retain, s.retain_loss)
-        loss = -s.gamma * forget_nll + s.alpha * keep
-        return loss, {"forget_nll": forget_nll.item(), "retain_loss": keep.item()}
+        return self.with_retain(model, retain, -forget_nll, {"forget_nll": forget_nll.item()})

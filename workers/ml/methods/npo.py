@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from workers.ml.losses import retain_loss, sequence_stats
+from workers.ml.losses import sequence_stats
 from workers.ml.methods.base import Batch, Method, References, ref_slice, register
 from workers.ml.specs import NPO
 
@@ -32,10 +32,5 @@ class NegativePreference(Method):
         logp, nll = sequence_stats(model, forget)
         ratio = logp - ref_slice(refs.forget, forget, logp.device)
         forget_term = -(2.0 / s.beta) * F.logsigmoid(-s.beta * ratio).mean()
-        keep = retain_loss(model, retain, s.retain_loss)
-        loss = s.gamma * forget_term + s.alpha * keep
-        return loss, {
-            "forget_loss": forget_term.item(),
-            "forget_nll": nll.mean().item(),
-            "retain_loss": keep.item(),
-        }
+        logs = {"forget_loss": forget_term.item(), "forget_nll": nll.mean().item()}
+        return self.with_retain(model, retain, forget_term, logs)

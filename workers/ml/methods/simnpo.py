@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from workers.ml.losses import retain_loss, sequence_stats
+from workers.ml.losses import sequence_stats
 from workers.ml.methods.base import Batch, Method, References, register
 from workers.ml.specs import SimNPO
 
@@ -29,10 +29,5 @@ class SimpleNPO(Method):
         s = self.spec
         _, nll = sequence_stats(model, forget)  # mean NLL per example = -(log p)/|y|
         forget_term = -(2.0 / s.beta) * F.logsigmoid(s.beta * (nll - s.delta)).mean()
-        keep = retain_loss(model, retain, s.retain_loss)
-        loss = s.gamma * forget_term + s.alpha * keep
-        return loss, {
-            "forget_loss": forget_term.item(),
-            "forget_nll": nll.mean().item(),
-            "retain_loss": keep.item(),
-        }
+        logs = {"forget_loss": forget_term.item(), "forget_nll": nll.mean().item()}
+        return self.with_retain(model, retain, forget_term, logs)
