@@ -36,7 +36,19 @@ class Settings(BaseSettings):
         default=f"sqla+sqlite:///{VAR_DIR / 'broker.sqlite'}",
         description="Celery broker. Redis in production; kombu's SQLAlchemy transport embedded.",
     )
-    artifact_root: Path = Field(default=VAR_DIR / "artifacts")
+    artifact_root: Path = Field(
+        default=VAR_DIR / "artifacts",
+        description="the artifact store (published adapters); shared by API and workers",
+    )
+    work_root: Path = Field(
+        default=VAR_DIR / "work",
+        description="workers' job folders (checkpoints); a volume shared by every worker, "
+        "so a job resumes on another worker after a crash",
+    )
+    model_cache: Path = Field(
+        default=VAR_DIR / "models",
+        description="where the built-in model is unpacked to safetensors once",
+    )
 
     data_encryption_key: str | None = Field(
         default=None,
@@ -56,6 +68,18 @@ class Settings(BaseSettings):
     # The reaper: a running job whose last heartbeat is older than this is presumed dead.
     heartbeat_timeout_seconds: float = Field(default=300.0, gt=0)
     job_max_attempts: int = Field(default=3, ge=1)
+    # Workers beat more often than the timeout so that one lost beat is not a death.
+    heartbeat_interval_seconds: float = Field(default=30.0, gt=0)
+    # Celery time limits of one unlearning task: past the soft one the job fails with a
+    # reason; the hard one kills the process (see docs/workers.md).
+    job_soft_time_limit_seconds: int = Field(default=4 * 3600, ge=10)
+    job_time_limit_grace_seconds: int = Field(default=300, ge=1)
+    # An adapter that fails its audit is retrained with stronger settings this many times
+    # before the job fails and the adapter is quarantined.
+    audit_retries: int = Field(default=1, ge=0)
+    # Database / store operations of a worker retried with exponential backoff this many
+    # times before the worker gives the job up (the reaper then re-queues it).
+    transient_retries: int = Field(default=6, ge=1)
 
     # Raw forget items are purged this long after the adapter that covers them passed
     # its audit and was published (see docs/design.md, "Retention").
@@ -99,6 +123,16 @@ class Settings(BaseSettings):
     @property
     def encryption_key_bytes(self) -> bytes:
         return base64.urlsafe_b64decode((self.data_encryption_key or _DEV_KEY).encode())
+
+    @property
+    def job_time_limit_seconds(self) -> int:
+        return self.job_soft_time_limit_seconds + self.job_time_limit_grace_seconds
+
+    @property
+    def broker_visibility_timeout_seconds(self) -> int:
+        # Longer than the longest job: Redis redelivers an unacknowledged task after this,
+        # and a redelivery while the job still runs would only be refused by the claim.
+        return self.job_time_limit_seconds + 3600
 
     @property
     def is_sqlite(self) -> bool:

@@ -81,6 +81,22 @@ def require(scope: Scope) -> Callable[[access.Principal], access.Principal]:
     return _check
 
 
+def require_any(*scopes: Scope) -> Callable[[access.Principal], access.Principal]:
+    def _check(principal: PrincipalDep) -> access.Principal:
+        if not any(principal.has(s) for s in scopes):
+            names = " or ".join(f"'{s.value}'" for s in scopes)
+            raise Problem(
+                403,
+                "missing-scope",
+                "Missing scope",
+                f"this API key has none of the scopes {names}; ask an admin for a key with one",
+                required_scope=[s.value for s in scopes],
+            )
+        return principal
+
+    return _check
+
+
 def require_json(request: Request) -> None:
     ctype = request.headers.get("content-type", "")
     media = ctype.split(";", 1)[0].strip().lower()

@@ -100,7 +100,18 @@ def send_pending(
     )
     q = claim_rows(q, session)
     sent: list[str] = []
+    # One job per model at a time (versions form a chain), oldest first.
+    busy = jobs.active_model_ids(session) | set(
+        session.scalars(
+            select(Job.model_id).where(
+                Job.stage == JobStage.QUEUED.value, Job.enqueued_at >= resend_before
+            )
+        )
+    )
     for job in session.scalars(q).all():
+        if job.model_id in busy:
+            continue
+        busy.add(job.model_id)
         try:
             send(job.id)
         except BrokerUnavailable as exc:

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from service import errors
+from service.adapters.router import router as adapters_router
 from service.config import get_settings
 from service.db import get_engine
 from service.erasure_requests.router import router as requests_router
@@ -33,7 +34,7 @@ def create_app() -> FastAPI:
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(HttpMetrics)
-    for router in (models_router, requests_router, jobs_router, trail_router):
+    for router in (models_router, adapters_router, requests_router, jobs_router, trail_router):
         app.include_router(router)
 
     @app.get("/healthz", tags=["operations"], summary="The process is alive")

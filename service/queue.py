@@ -11,6 +11,7 @@ from celery import Celery
 from service.config import get_settings
 
 TASK_RUN_JOB = "unlearn.run_job"
+TASK_DISPATCH_TICK = "unlearn.dispatch_tick"
 QUEUE_UNLEARNING = "unlearning"  # GPU workers only
 QUEUE_DEFAULT = "default"  # light tasks
 

@@ -48,8 +48,9 @@ REQUEST_TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
     R.REJECTED: frozenset(),
 }
 
-# A client may cancel a request only before training starts.
-REQUEST_CANCELABLE = frozenset({R.RECEIVED, R.QUEUED})
+# A client may cancel a request until its adapter is being published. A running job then
+# restarts without it (or stops, when it was the job's last request).
+REQUEST_CANCELABLE = frozenset({R.RECEIVED, R.QUEUED, R.RUNNING, R.EVALUATING})
 REQUEST_TERMINAL = frozenset(s for s, nxt in REQUEST_TRANSITIONS.items() if not nxt)
 
 JOB_TRANSITIONS: dict[JobStage, frozenset[JobStage]] = {

@@ -77,7 +77,15 @@ def db(pg_database: str) -> Iterator[Session]:
         conn.close()
 
 
-TABLES = ["erasure_requests", "jobs", "audit_events", "api_keys", "tenants", "models"]
+TABLES = [
+    "adapter_versions",
+    "erasure_requests",
+    "jobs",
+    "audit_events",
+    "api_keys",
+    "tenants",
+    "models",
+]
 
 
 @pytest.fixture

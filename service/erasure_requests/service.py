@@ -256,7 +256,7 @@ def set_status(
 
 
 def cancel(session: Session, *, principal: Principal, request_id: str) -> ErasureRequest:
-    """The client withdraws its request (before training starts)."""
+    """The client withdraws its request (until its adapter is being published)."""
     return _withdraw(session, principal, request_id, R.CANCELED, "canceled by client")
 
 
@@ -270,27 +270,44 @@ def reject(
 def _withdraw(
     session: Session, principal: Principal, request_id: str, to: RequestStatus, reason: str
 ) -> ErasureRequest:
+    from service.jobs import service as jobs  # jobs imports this module
+
     req = get_for(session, principal=principal, request_id=request_id)
+    # Lock order job -> request, the same as a worker publishing the job's adapter.
+    job = jobs.lock(session, req.job_id) if req.job_id else None
     if is_postgres(session):
         session.refresh(req, with_for_update=True)  # a dispatcher may be claiming it
+        if req.job_id and (job is None or job.id != req.job_id):
+            raise Problem(
+                409,
+                "busy",
+                "Request is being scheduled",
+                "retry in a second",
+                headers={"Retry-After": "1"},
+            )
+    verb, slug = (
+        ("canceled", "not-cancelable") if to is R.CANCELED else ("rejected", "not-rejectable")
+    )
     if RequestStatus(req.status) not in REQUEST_CANCELABLE:
-        verb, slug = (
-            ("canceled", "not-cancelable") if to is R.CANCELED else ("rejected", "not-rejectable")
-        )
         raise Problem(
             409,
             slug,
             f"Request can no longer be {verb}",
-            f"the request is {req.status}; only received or queued requests (before "
-            f"training starts) can be {verb}",
+            f"the request is {req.status}; only requests not yet fulfilled can be {verb}",
             status_now=req.status,
         )
-    job_id = req.job_id
+    if job is not None and job.stage == "packaging":
+        raise Problem(
+            409,
+            slug,
+            f"Request can no longer be {verb}",
+            "its adapter is being published right now; once completed, submit a new request "
+            "if the data must be handled differently",
+            status_now=req.status,
+        )
     set_status(session, req, to, actor=principal.key_id, reason=reason)
-    if job_id is not None:
-        from service.jobs import service as jobs  # jobs imports this module
-
-        jobs.cancel_if_empty(session, job_id=job_id, actor=principal.key_id)
+    if job is not None:
+        jobs.request_withdrawn(session, job, actor=principal.key_id)
     return req
 
 

@@ -30,6 +30,11 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer)
     worker_id: Mapped[str | None] = mapped_column(String(200))
+    # The passing adapter version this job continues (fixed at the first claim so that a
+    # resumed run trains from the same weights); None: from the base model.
+    parent_version: Mapped[int | None] = mapped_column(Integer)
+    # Audit retries done (an adapter that fails its audit is retrained, stronger).
+    audit_rounds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(String(2000))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -22,6 +22,7 @@ from service.errors import not_found
 from service.jobs.models import Job
 from service.states import (
     JOB_ACTIVE,
+    JOB_TERMINAL,
     REQUEST_STATUS_FOR_STAGE,
     REQUEST_TERMINAL,
     JobStage,
@@ -137,6 +138,30 @@ def advance(
         )
 
 
+def active_model_ids(session: Session) -> set[str]:
+    return set(
+        session.scalars(
+            select(Job.model_id).where(Job.stage.in_([s.value for s in JOB_ACTIVE])).distinct()
+        )
+    )
+
+
+def busy_with_model(session: Session, job: Job) -> bool:
+    """Another job of the same model is running."""
+    return (
+        session.scalar(
+            select(Job.id)
+            .where(
+                Job.model_id == job.model_id,
+                Job.id != job.id,
+                Job.stage.in_([s.value for s in JOB_ACTIVE]),
+            )
+            .limit(1)
+        )
+        is not None
+    )
+
+
 def claim(session: Session, *, job_id: str, worker_id: str) -> Job | None:
     """Take a queued job for one worker. A redelivered or duplicate task finds it
     already claimed (or finished) and gets None."""
@@ -149,6 +174,16 @@ def claim(session: Session, *, job_id: str, worker_id: str) -> Job | None:
     if not live_requests(session, job.id):
         advance(session, job, J.CANCELED, actor=worker_id)
         return None
+    if busy_with_model(session, job):
+        # Versions of a model form a chain: one job per model at a time. The dispatcher
+        # sends this one again once the other is done.
+        job.enqueued_at = None
+        return None
+    from service.adapters.service import latest_passing  # adapters imports this module
+
+    # Train from the newest passing version (part of the work folder's name, so a
+    # resumed run only reuses a checkpoint made from the same parent).
+    job.parent_version = latest_passing(session, job.model_id)
     now = utcnow()
     job.attempts += 1
     job.worker_id = worker_id
@@ -159,19 +194,76 @@ def claim(session: Session, *, job_id: str, worker_id: str) -> Job | None:
     return job
 
 
+def lock(session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id, with_for_update=is_postgres(session))
+
+
+class NotOwned(Exception):
+    """The job was taken from this worker (canceled, reaped, restarted)."""
+
+
+@dataclass(frozen=True)
+class Beat:
+    stage: JobStage
+    ours: bool  # still this worker's, in an active stage
+
+
 def heartbeat(
     session: Session, *, job_id: str, worker_id: str, progress: float | None = None
-) -> JobStage:
-    """Record liveness and progress; returns the stage so a worker notices a cancel or
-    a reap (a job taken away from it is no longer its own)."""
-    job = session.get(Job, job_id, with_for_update=is_postgres(session))
+) -> Beat:
+    """Record liveness and progress; tells the worker whether the job is still its own,
+    so it notices a cancel or a reap between two steps."""
+    job = lock(session, job_id)
     if job is None:
         raise not_found("job", job_id)
-    if job.worker_id == worker_id and JobStage(job.stage) in JOB_ACTIVE:
+    ours = job.worker_id == worker_id and JobStage(job.stage) in JOB_ACTIVE
+    if ours:
         job.heartbeat_at = utcnow()
         if progress is not None:
             job.progress = min(1.0, max(0.0, progress))
-    return JobStage(job.stage)
+    return Beat(JobStage(job.stage), ours)
+
+
+def own(session: Session, *, job_id: str, worker_id: str) -> Job:
+    """The job, locked, if it is still this worker's and active; else NotOwned."""
+    job = lock(session, job_id)
+    if job is None or job.worker_id != worker_id or JobStage(job.stage) not in JOB_ACTIVE:
+        state = f"{job.stage} with {job.worker_id}" if job else "gone"
+        raise NotOwned(f"job {job_id} is {state}, no longer {worker_id}'s")
+    job.heartbeat_at = utcnow()
+    return job
+
+
+def advance_own(
+    session: Session,
+    *,
+    job_id: str,
+    worker_id: str,
+    stage: JobStage,
+    progress: float | None = None,
+    reason: str | None = None,
+) -> Job:
+    """A worker moves its own job on; NotOwned if the job is no longer its own."""
+    job = own(session, job_id=job_id, worker_id=worker_id)
+    if progress is not None:
+        job.progress = progress
+    advance(session, job, stage, actor=worker_id, reason=reason)
+    return job
+
+
+def request_withdrawn(session: Session, job: Job, *, actor: str) -> None:
+    """One of the job's requests was canceled or rejected (job row locked by the caller).
+    A job with no live request left is canceled; a running one restarts without it, so
+    the withdrawn data is not trained on (a queued one simply runs without it)."""
+    stage = JobStage(job.stage)
+    if stage in JOB_TERMINAL:
+        return
+    if not live_requests(session, job.id):
+        advance(session, job, J.CANCELED, actor=actor)
+    elif stage in JOB_ACTIVE:
+        # Not the job's fault: the restart does not count as an attempt.
+        job.attempts = max(0, job.attempts - 1)
+        requeue(session, job, actor=actor, reason="restarted without a withdrawn request")
 
 
 def requeue(session: Session, job: Job, *, actor: str, reason: str) -> None:
@@ -180,14 +272,6 @@ def requeue(session: Session, job: Job, *, actor: str, reason: str) -> None:
     job.error = reason[:2000]
     job.progress = 0.0
     advance(session, job, J.QUEUED, actor=actor)
-
-
-def cancel_if_empty(session: Session, *, job_id: str, actor: str) -> bool:
-    job = session.get(Job, job_id, with_for_update=is_postgres(session))
-    if job is None or job.stage != J.QUEUED.value or live_requests(session, job_id):
-        return False
-    advance(session, job, J.CANCELED, actor=actor)
-    return True
 
 
 @dataclass

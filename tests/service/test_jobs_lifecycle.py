@@ -71,10 +71,13 @@ def test_heartbeat_records_progress_and_reports_the_stage(db, who, support):
     f.requests(db, who, 1, support)
     [job_id] = dispatcher.batch_pending(db)
     jobs.claim(db, job_id=job_id, worker_id="w1")
-    assert jobs.heartbeat(db, job_id=job_id, worker_id="w1", progress=0.4) is J.PREPARING
+    assert jobs.heartbeat(db, job_id=job_id, worker_id="w1", progress=0.4) == jobs.Beat(
+        J.PREPARING, ours=True
+    )
     assert db.get(Job, job_id).progress == pytest.approx(0.4)
-    # A worker that lost the job (reaped, re-claimed elsewhere) cannot move its progress.
-    jobs.heartbeat(db, job_id=job_id, worker_id="intruder", progress=0.9)
+    # A worker that lost the job (reaped, re-claimed elsewhere) cannot move its progress,
+    # and learns that the job is not its own.
+    assert not jobs.heartbeat(db, job_id=job_id, worker_id="intruder", progress=0.9).ours
     assert db.get(Job, job_id).progress == pytest.approx(0.4)
 
 
@@ -98,16 +101,44 @@ def test_canceling_every_request_of_a_queued_job_cancels_the_job(db, who, suppor
     assert jobs.claim(db, job_id=job_id, worker_id="w1") is None
 
 
-def test_running_request_cannot_be_canceled(db, who, support):
+def test_canceling_the_last_request_of_a_running_job_cancels_the_job(db, who, support):
+    [req] = f.requests(db, who, 1, support)
+    [job_id] = dispatcher.batch_pending(db)
+    jobs.claim(db, job_id=job_id, worker_id="w1")
+    jobs.advance(db, db.get(Job, job_id), JobStage.TRAINING, actor="w1")
+    requests_svc.cancel(db, principal=who, request_id=req.id)
+    assert req.status == "canceled"
+    job = db.get(Job, job_id)
+    assert job.stage == "canceled"
+    # The worker learns it at its next heartbeat and stops between two steps.
+    assert not jobs.heartbeat(db, job_id=job_id, worker_id="w1").ours
+
+
+def test_canceling_one_request_restarts_a_running_job_without_it(db, who, support):
+    keep, drop = f.requests(db, who, 2, support)
+    [job_id] = dispatcher.batch_pending(db)
+    jobs.claim(db, job_id=job_id, worker_id="w1")
+    jobs.advance(db, db.get(Job, job_id), JobStage.TRAINING, actor="w1")
+    requests_svc.cancel(db, principal=who, request_id=drop.id)
+    job = db.get(Job, job_id)
+    assert (job.stage, job.worker_id, job.enqueued_at, job.attempts) == ("queued", None, None, 0)
+    assert (keep.status, drop.status) == ("queued", "canceled")
+    assert [r.id for r in jobs.live_requests(db, job_id)] == [keep.id]
+
+
+def test_a_request_being_published_cannot_be_canceled(db, who, support):
     from service.errors import Problem
 
     [req] = f.requests(db, who, 1, support)
     [job_id] = dispatcher.batch_pending(db)
-    jobs.claim(db, job_id=job_id, worker_id="w1")
+    job = jobs.claim(db, job_id=job_id, worker_id="w1")
+    for stage in (JobStage.TRAINING, JobStage.EVALUATING, JobStage.PACKAGING):
+        jobs.advance(db, job, stage, actor="w1")
     with pytest.raises(Problem) as exc:
         requests_svc.cancel(db, principal=who, request_id=req.id)
     assert exc.value.status == 409
-    assert req.status == "running"
+    assert "being published" in exc.value.detail
+    assert req.status == "evaluating"
 
 
 def test_reaper_requeues_then_fails_after_max_attempts(db, who, support, settings):

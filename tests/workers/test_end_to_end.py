@@ -1,0 +1,91 @@
+"""A request over HTTP ends as a downloadable, audited adapter that plain PEFT loads."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import tarfile
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import auth
+from tests.workers.conftest import FAST_METHOD, FORGET, FORGET_B, Stack
+
+
+def _download(stack: Stack, version: str, **headers: str):
+    return stack.client.get(
+        f"/v1/models/tiny/adapters/{version}/download",
+        headers={**auth(stack.keys.a), **headers},
+    )
+
+
+def test_request_becomes_a_downloadable_adapter_that_peft_loads(stack: Stack, tmp_path):
+    stack.start_worker()
+    rid = stack.submit(FORGET, method=FAST_METHOD)
+    done = stack.wait_status(rid, {"completed", "failed"})
+    assert done["status"] == "completed", (done, stack.logs())
+    assert done["adapter_version"] == 1
+
+    listing = stack.client.get("/v1/models/tiny/adapters", headers=auth(stack.keys.a)).json()
+    assert listing["latest"] == 1
+    [v1] = listing["items"]
+    assert v1["covered_requests"] == [rid]
+    assert v1["parent_version"] is None and v1["status"] == "published"
+    assert v1["verdict"]["passed"] is True
+    latest = stack.client.get("/v1/models/tiny/adapters/latest", headers=auth(stack.keys.a))
+    assert latest.json()["version"] == 1
+
+    r = _download(stack, "1")
+    assert r.status_code == 200, r.text
+    body = r.content
+    sha = hashlib.sha256(body).hexdigest()
+    assert r.headers["etag"] == f'"{sha}"' == f'"{v1["archive"]["sha256"]}"'
+    assert r.headers["repr-digest"] == f"sha-256=:{base64.b64encode(bytes.fromhex(sha)).decode()}:"
+    assert _download(stack, "1", **{"If-None-Match": f'"{sha}"'}).status_code == 304
+
+    folder = tmp_path / "adapter"
+    with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
+        tar.extractall(folder, filter="data")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
+    assert manifest["version"] == 1 and manifest["covered_requests"] == [rid]
+    assert manifest["base_model"]["digest"] == v1["base_model"]["digest"]
+    assert json.loads((folder / "audit.json").read_text())["verdict"]["passed"] is True
+
+    # Plain PEFT: the adapter changes the model's likelihood of the forgotten answers.
+    source = stack.client.get("/v1/models/tiny", headers=auth(stack.keys.a)).json()["source"]
+    base = AutoModelForCausalLM.from_pretrained(source)
+    model = PeftModel.from_pretrained(base, str(folder))
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        after = model(ids).logits
+        with model.disable_adapter():
+            before = model(ids).logits
+    assert not torch.allclose(before, after)
+
+    # Each download is in the trail, which still verifies.
+    events = stack.client.get(
+        "/v1/audit/events?event_type=adapter.downloaded", headers=auth(stack.keys.admin)
+    ).json()["items"]
+    assert len(events) == 1
+    assert stack.client.get("/v1/audit/verify", headers=auth(stack.keys.admin)).json()["ok"]
+
+
+def test_second_batch_continues_from_the_first_version(stack: Stack):
+    stack.start_worker()
+    first = stack.submit(FORGET, method=FAST_METHOD)
+    assert stack.wait_status(first, {"completed", "failed"})["status"] == "completed", stack.logs()
+    second = stack.submit(FORGET_B, method=FAST_METHOD)
+    assert stack.wait_status(second, {"completed", "failed"})["status"] == "completed", stack.logs()
+
+    items = stack.client.get("/v1/models/tiny/adapters", headers=auth(stack.keys.a)).json()["items"]
+    assert [(v["version"], v["parent_version"]) for v in items] == [(1, None), (2, 1)]
+    v2 = stack.client.get("/v1/models/tiny/adapters/2", headers=auth(stack.keys.a)).json()
+    assert v2["covered_requests"] == [second]
+    assert stack.request(second)["adapter_version"] == 2
+    assert stack.request(first)["adapter_version"] == 1

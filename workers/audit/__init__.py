@@ -1,0 +1,2 @@
+"""The audit of an adapter: measured before (base model or previous version) and after,
+decided by a policy. No Celery, SQLAlchemy or FastAPI here."""

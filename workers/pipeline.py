@@ -1,0 +1,464 @@
+"""One unlearning job, as a plain function the Celery task calls: claim, prepare, train,
+audit, publish (docs/workers.md has the whole policy).
+
+- Claim: a conditional `queued -> preparing` (jobs.claim); a redelivered or duplicate
+  task finds the job taken and returns "skipped".
+- A heartbeat thread records liveness and progress; the engine checks between steps
+  whether the job is still this worker's (a cancel or a reap takes it away).
+- The work folder `WORK_ROOT/<job>/<fingerprint>` holds checkpoints and finished
+  rounds; a job re-queued after a crash resumes there on any worker sharing the volume.
+  The fingerprint covers the requests, the method and the parent version, so a job
+  restarted with other inputs never resumes from a stale checkpoint.
+- Failures: transient ones (database, store) are retried with backoff; if they persist
+  the worker lets go and the reaper re-queues the job. Permanent ones (bad data, unknown
+  model, out of memory at batch size 1, time limit) fail the job with a reason. Anything
+  else counts as an attempt: re-queued until `max_attempts`, then failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import TypeAdapter, ValidationError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
+from service.adapters import service as adapters
+from service.adapters.store import ArtifactStore, StoreError, get_store
+from service.config import Settings, get_settings
+from service.db import session_scope
+from service.erasure_requests.service import decrypt_items
+from service.jobs import service as jobs
+from service.jobs.models import Job
+from service.models_registry.models import RegisteredModel
+from service.states import JobStage
+from workers.audit.policy import AuditPolicy
+from workers.ml.specs import MethodSpec
+
+log = structlog.get_logger()
+J = JobStage
+T = TypeVar("T")
+_METHOD = TypeAdapter(MethodSpec)
+
+
+class NotClaimedYet(Exception):
+    """The database was unreachable before the job was claimed: retry the task later."""
+
+
+class PermanentError(Exception):
+    """Retrying cannot help; the message tells a person what to fix."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    # Store I/O and connection-level database errors (a lost connection, a deadlock, a
+    # server restarting); integrity or programming errors are not transient.
+    return isinstance(exc, (StoreError, OperationalError, InterfaceError)) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
+
+
+def _retrying(fn: Callable[[], T]) -> T:
+    attempts = get_settings().transient_retries
+    wrapped = retry(
+        retry=retry_if_exception(is_transient),
+        wait=wait_exponential(multiplier=0.5, max=30),
+        stop=stop_after_attempt(attempts),
+        reraise=True,
+        before_sleep=lambda state: log.warning(
+            "transient_error_retrying",
+            attempt=state.attempt_number,
+            error=str(state.outcome.exception() if state.outcome else ""),
+        ),
+    )(fn)
+    return wrapped()
+
+
+# ---- inputs --------------------------------------------------------------------------
+
+
+@dataclass
+class JobInput:
+    job_id: str
+    model_name: str
+    model_source: str
+    request_ids: list[str]
+    forget: list[dict[str, str]]
+    holdout: list[dict[str, str]]
+    retain: list[dict[str, str]]
+    method: dict[str, Any]
+    parent_version: int | None
+    parent_prefix: str | None
+    audit_rounds: int
+
+    def fingerprint(self) -> str:
+        key = json.dumps(
+            [sorted(self.request_ids), self.method, self.parent_version, self.model_source],
+            sort_keys=True,
+        )
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _read_input(job_id: str, worker_id: str) -> JobInput:
+    with session_scope() as s:
+        job = jobs.own(s, job_id=job_id, worker_id=worker_id)
+        model = s.get(RegisteredModel, job.model_id)
+        if model is None:
+            raise PermanentError(f"the job's model {job.model_id} is no longer registered")
+        reqs = jobs.live_requests(s, job.id)
+        forget: list[dict[str, str]] = []
+        holdout: list[dict[str, str]] = []
+        for req in reqs:
+            try:
+                items, held = decrypt_items(req)
+            except Exception as exc:  # InvalidTag: wrong DATA_ENCRYPTION_KEY on this worker
+                raise PermanentError(
+                    f"cannot decrypt request {req.id}: this worker's DATA_ENCRYPTION_KEY "
+                    "differs from the gateway's"
+                ) from exc
+            if not items:
+                raise PermanentError(f"request {req.id} has no data left (purged)")
+            forget += items
+            holdout += held
+        raw_method = job.method or model.default_method or {"name": "npo"}
+        try:
+            method = _METHOD.validate_python(raw_method).model_dump()
+        except ValidationError as exc:
+            raise PermanentError(f"invalid method parameters {raw_method}: {exc}") from exc
+        parent_prefix = None
+        if job.parent_version is not None:
+            parent = adapters.get_version(s, model, str(job.parent_version))
+            parent_prefix = parent.storage_prefix
+        return JobInput(
+            job_id=job.id,
+            model_name=model.name,
+            model_source=model.source,
+            request_ids=[r.id for r in reqs],
+            forget=forget,
+            holdout=holdout,
+            retain=list(model.retain_items),
+            method=method,
+            parent_version=job.parent_version,
+            parent_prefix=parent_prefix,
+            audit_rounds=job.audit_rounds,
+        )
+
+
+def method_for_round(method: dict[str, Any], rnd: int) -> dict[str, Any]:
+    """Round k of the audit retries: twice the steps and 1.5x the learning rate per
+    round, within the spec's bounds; the retain guard still protects utility."""
+    out = dict(method)
+    for _ in range(rnd):
+        out["max_steps"] = min(10_000, out["max_steps"] * 2)
+        out["lr"] = min(1e-2, out["lr"] * 1.5)
+        if out.get("stop_forget_ratio") is not None:
+            out["stop_forget_ratio"] = out["stop_forget_ratio"] / 2
+    return out
+
+
+# ---- liveness ------------------------------------------------------------------------
+
+
+class Heartbeat:
+    """Beats from a thread, so a job stays alive while it loads a model or audits."""
+
+    def __init__(self, job_id: str, worker_id: str, interval: float) -> None:
+        self.job_id, self.worker_id, self.interval = job_id, worker_id, interval
+        self.progress: float | None = None
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.beat()
+
+    def beat(self) -> None:
+        try:
+            with session_scope() as s:
+                beat = jobs.heartbeat(
+                    s, job_id=self.job_id, worker_id=self.worker_id, progress=self.progress
+                )
+        except Exception as exc:  # the database may be back at the next beat
+            log.warning("heartbeat_failed", job_id=self.job_id, error=str(exc))
+            return
+        if not beat.ours:
+            log.info("job_taken_away", job_id=self.job_id, stage=beat.stage.value)
+            self.lost.set()
+
+
+# ---- the run -------------------------------------------------------------------------
+
+
+def run(job_id: str, *, worker_id: str, store: ArtifactStore | None = None) -> str:
+    """Returns what happened: skipped, succeeded, quarantined, failed, canceled,
+    requeued or released."""
+    settings = get_settings()
+    store = store or get_store()
+    try:
+        claimed = _retrying(lambda: _claim(job_id, worker_id))
+    except Exception as exc:
+        if is_transient(exc):
+            raise NotClaimedYet(str(exc)) from exc
+        raise
+    if not claimed:
+        log.info("job_not_claimed", job_id=job_id)
+        return "skipped"
+    log.info("job_claimed", job_id=job_id, worker=worker_id)
+    bound = structlog.contextvars.bound_contextvars(job_id=job_id)
+    with bound, Heartbeat(job_id, worker_id, settings.heartbeat_interval_seconds) as beat:
+        try:
+            return _execute(job_id, worker_id, beat, store, settings)
+        except jobs.NotOwned:
+            return _taken_away(job_id, settings)
+        except PermanentError as exc:
+            return _give_up(job_id, worker_id, str(exc), settings)
+        except SoftTimeLimitExceeded:
+            return _give_up(
+                job_id,
+                worker_id,
+                f"the job ran past the time limit ({settings.job_soft_time_limit_seconds} s); "
+                "raise JOB_SOFT_TIME_LIMIT_SECONDS or lower the method's max_steps",
+                settings,
+            )
+        except Exception as exc:
+            if type(exc).__name__ == "Canceled":  # the engine stopped between two steps
+                return _taken_away(job_id, settings)
+            if is_transient(exc):
+                # Retries are spent: let go; the reaper re-queues the job once the
+                # heartbeat is stale and the job resumes from its checkpoint.
+                log.error("job_released_on_transient_error", error=str(exc))
+                return "released"
+            log.exception("job_error")
+            return _attempt_failed(job_id, worker_id, f"{type(exc).__name__}: {exc}")
+
+
+def _claim(job_id: str, worker_id: str) -> bool:
+    with session_scope() as s:
+        return jobs.claim(s, job_id=job_id, worker_id=worker_id) is not None
+
+
+def _advance(job_id: str, worker_id: str, stage: JobStage, progress: float) -> None:
+    def step() -> None:
+        with session_scope() as s:
+            jobs.advance_own(s, job_id=job_id, worker_id=worker_id, stage=stage, progress=progress)
+
+    _retrying(step)
+
+
+def _set_audit_round(job_id: str, worker_id: str, rnd: int) -> None:
+    def step() -> None:
+        with session_scope() as s:
+            jobs.own(s, job_id=job_id, worker_id=worker_id).audit_rounds = rnd
+
+    _retrying(step)
+
+
+def _execute(
+    job_id: str, worker_id: str, beat: Heartbeat, store: ArtifactStore, settings: Settings
+) -> str:
+    inp = _retrying(lambda: _read_input(job_id, worker_id))
+    workdir = settings.work_root / job_id / inp.fingerprint()
+    previous = _fetch_parent(inp, workdir, store)
+
+    from workers.audit.run import AuditInput, audit_adapter  # torch: only in workers
+
+    result: dict[str, Any] = {}
+    audit: dict[str, Any] = {}
+    for rnd in range(inp.audit_rounds, settings.audit_retries + 1):
+        if rnd > inp.audit_rounds:
+            _set_audit_round(job_id, worker_id, rnd)
+        _advance(job_id, worker_id, J.TRAINING, 0.05)
+        method = method_for_round(inp.method, rnd)
+        result = _train(inp, method, previous, workdir / f"round{rnd}", beat, settings)
+        _advance(job_id, worker_id, J.EVALUATING, 0.85)
+        audit = audit_adapter(
+            AuditInput(
+                model_source=inp.model_source,
+                adapter_dir=Path(result["adapter_dir"]),
+                forget=inp.forget,
+                retain=inp.retain,
+                holdout=inp.holdout,
+                before_adapter=previous,
+                policy=AuditPolicy(),
+                model_cache=settings.model_cache,
+                max_length=method["max_length"],
+            )
+        )
+        audit["round"] = rnd
+        if audit["verdict"]["passed"]:
+            break
+        log.warning(
+            "audit_failed", round=rnd, failed=[c["name"] for c in audit["verdict"]["failed"]]
+        )
+    _advance(job_id, worker_id, J.PACKAGING, 0.95)
+
+    staging = workdir / "publish"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in adapters.ADAPTER_FILES:
+        shutil.copyfile(Path(result["adapter_dir"]) / name, staging / name)
+    staged = adapters.Staged(folder=staging, record=result["record"], audit=audit)
+
+    def publish() -> tuple[int, str]:
+        with session_scope() as s:
+            job = jobs.own(s, job_id=job_id, worker_id=worker_id)
+            row = adapters.publish(s, job=job, staged=staged, store=store, actor=worker_id)
+            return row.version, row.status
+
+    try:
+        version, status = _retrying(publish)
+    except adapters.StaleParent as exc:
+        return _attempt_failed(job_id, worker_id, str(exc), counts=False)
+    shutil.rmtree(settings.work_root / job_id, ignore_errors=True)
+    log.info("job_published", version=version, status=status)
+    return "succeeded" if status == "published" else "quarantined"
+
+
+def _fetch_parent(inp: JobInput, workdir: Path, store: ArtifactStore) -> Path | None:
+    if inp.parent_prefix is None:
+        return None
+    folder = workdir / "previous"
+    prefix = inp.parent_prefix
+
+    def fetch() -> None:
+        for name in adapters.ADAPTER_FILES:
+            store.get_file(f"{prefix}/{name}", folder / name)
+
+    _retrying(fetch)
+    return folder
+
+
+def _train(
+    inp: JobInput,
+    method: dict[str, Any],
+    previous: Path | None,
+    rundir: Path,
+    beat: Heartbeat,
+    settings: Settings,
+) -> dict[str, Any]:
+    """The engine, resumed from the round's folder; a finished round is reused (a crash
+    during the audit does not retrain). Out of memory: half the batch, twice the
+    accumulation (same effective batch), down to batch size 1."""
+    import torch
+
+    from workers.ml.run import run_job
+    from workers.ml.specs import JobSpec
+
+    done = rundir / "record.json"
+    if done.is_file() and (rundir / "adapter" / "adapter_model.safetensors").is_file():
+        return {"adapter_dir": str(rundir / "adapter"), "record": json.loads(done.read_text())}
+    while True:
+        spec = JobSpec(
+            model_source=inp.model_source,
+            forget=inp.forget,  # type: ignore[arg-type]  # validated into Items
+            retain=inp.retain,  # type: ignore[arg-type]
+            holdout=inp.holdout,  # type: ignore[arg-type]
+            method=method,  # type: ignore[arg-type]
+            previous_adapter=str(previous) if previous else None,
+            model_cache=str(settings.model_cache),
+        )
+
+        def progress(fraction: float, _logs: dict[str, float]) -> None:
+            beat.progress = 0.05 + 0.8 * fraction
+
+        try:
+            res = run_job(spec, rundir, progress=progress, should_cancel=beat.lost.is_set)
+            return {"adapter_dir": str(res.adapter_dir), "record": res.record}
+        except torch.OutOfMemoryError as exc:
+            if method["batch_size"] <= 1:
+                raise PermanentError(
+                    "out of memory even at batch size 1: use a GPU with more memory, a "
+                    "smaller max_length, or gradient_checkpointing"
+                ) from exc
+            method = dict(
+                method,
+                batch_size=method["batch_size"] // 2,
+                retain_batch_size=max(
+                    1, (method["retain_batch_size"] or method["batch_size"]) // 2
+                ),
+                grad_accum=method["grad_accum"] * 2,
+            )
+            log.warning("out_of_memory_retrying", batch_size=method["batch_size"])
+            shutil.rmtree(rundir, ignore_errors=True)  # the checkpoint's batches differ
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ValidationError as exc:
+            raise PermanentError(f"the job's data or method is invalid: {exc}") from exc
+        except Exception as exc:
+            if type(exc).__name__ == "ModelSourceError":
+                raise PermanentError(str(exc)) from exc
+            raise
+
+
+# ---- endings -------------------------------------------------------------------------
+
+
+def _taken_away(job_id: str, settings: Settings) -> str:
+    """The job was canceled, or re-queued (reaped, or restarted without a withdrawn
+    request). Only a canceled job's folder is removed: a re-queued one may resume."""
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        stage = JobStage(job.stage) if job else J.CANCELED
+    if stage is J.CANCELED:
+        shutil.rmtree(settings.work_root / job_id, ignore_errors=True)
+        log.info("job_canceled")
+        return "canceled"
+    log.info("job_taken_away", stage=stage.value)
+    return "requeued"
+
+
+def _give_up(job_id: str, worker_id: str, reason: str, settings: Settings) -> str:
+    log.error("job_failed", reason=reason)
+
+    def fail() -> None:
+        with session_scope() as s:
+            job = jobs.own(s, job_id=job_id, worker_id=worker_id)
+            jobs.advance(s, job, J.FAILED, actor=worker_id, reason=reason)
+
+    try:
+        _retrying(fail)
+    except jobs.NotOwned:
+        return _taken_away(job_id, settings)
+    shutil.rmtree(settings.work_root / job_id, ignore_errors=True)
+    return "failed"
+
+
+def _attempt_failed(job_id: str, worker_id: str, reason: str, *, counts: bool = True) -> str:
+    def step() -> str:
+        with session_scope() as s:
+            job = jobs.own(s, job_id=job_id, worker_id=worker_id)
+            if not counts:
+                job.attempts = max(0, job.attempts - 1)
+            if job.attempts >= job.max_attempts:
+                jobs.advance(
+                    s,
+                    job,
+                    J.FAILED,
+                    actor=worker_id,
+                    reason=f"gave up after {job.attempts} attempts; last error: {reason}",
+                )
+                return "failed"
+            jobs.requeue(s, job, actor=worker_id, reason=f"attempt {job.attempts}: {reason}")
+            return "requeued"
+
+    try:
+        return _retrying(step)
+    except jobs.NotOwned:
+        return "requeued"
