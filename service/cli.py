@@ -1,10 +1,13 @@
-"""`unlearn`: the one command line for every role (API, dispatcher, migrations, keys)."""
+"""`unlearn`: the one command line for every role (API, dispatcher, worker, migrations,
+keys)."""
 
 from __future__ import annotations
 
 import base64
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -148,13 +151,37 @@ def dispatcher(
     disp.run_forever(stop)
 
 
+WORKER_FLAGS = ["--without-gossip", "--without-mingle", "--concurrency", "1"]
+
+
+def worker_argv(queues: str, name: str, loglevel: str) -> list[str]:
+    return ["worker", "-Q", queues, "-n", f"{name}@%h", "-l", loglevel, *WORKER_FLAGS]
+
+
+@app.command()
+def worker(
+    queues: str = typer.Option(
+        "unlearning,default", help="queues to consume: 'unlearning' needs a GPU (or CPU)"
+    ),
+    name: str = typer.Option("worker", help="node name (one worker process per GPU)"),
+    loglevel: str = typer.Option("INFO", help="Celery log level"),
+) -> None:
+    """A worker: runs unlearning jobs one at a time, each in a fresh child process (so
+    GPU memory is freed after every job). Start one per GPU, with CUDA_VISIBLE_DEVICES
+    set to that GPU."""
+    from workers.celery_app import app as celery_app
+
+    celery_app.worker_main(worker_argv(queues, name, loglevel))
+
+
 @app.command()
 def up(
     host: str = "127.0.0.1",
     port: int = 8000,
+    with_worker: bool = typer.Option(True, "--worker/--no-worker", help="start one worker too"),
 ) -> None:
-    """Everything in one process on the configured (by default embedded) backends:
-    migrations, the API and the dispatcher. Ctrl-C stops both cleanly."""
+    """Everything on the configured (by default embedded) backends: migrations, the API
+    and the dispatcher in this process, one worker in a child process. Ctrl-C stops all."""
     import uvicorn
 
     from service import dispatcher as disp
@@ -163,8 +190,22 @@ def up(
     stop = threading.Event()
     loop = threading.Thread(target=disp.run_forever, args=(stop,), name="dispatcher")
     loop.start()
+    child = None
+    if with_worker:
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers.celery_app",
+                *worker_argv("unlearning,default", "embedded", get_settings().log_level),
+            ],
+            start_new_session=True,  # Ctrl-C reaches it through us, in order
+        )
     console.print(
-        f"[bold]API on http://{host}:{port}[/] (docs at /docs); dispatcher running. Ctrl-C stops."
+        f"[bold]API on http://{host}:{port}[/] (docs at /docs); dispatcher"
+        f"{' and one worker' if child else ''} running. Ctrl-C stops."
     )
     try:
         # uvicorn handles SIGINT/SIGTERM itself and returns when asked to stop.
@@ -177,6 +218,16 @@ def up(
         )
     finally:
         stop.set()
+        if child is not None:
+            # Celery's warm shutdown waits for a running job; give it a moment, then stop
+            # it hard. The job keeps its checkpoint and is re-queued by the reaper (after
+            # HEARTBEAT_TIMEOUT_SECONDS) once the service runs again.
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
         loop.join(timeout=30)
         console.print("stopped")
 
