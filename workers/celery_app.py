@@ -43,6 +43,7 @@ def make_app() -> Celery:
         # broker, says who owns the job, and a redelivered copy is refused by the claim.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
+        worker_redirect_stdouts_level="INFO",  # our structured logs go to stdout
         # Events for Flower; the embedded (SQLAlchemy) transport has no fan-out for them.
         worker_send_task_events=not settings.broker_url.startswith("sqla"),
         task_send_sent_event=not settings.broker_url.startswith("sqla"),

@@ -19,7 +19,7 @@ from service.erasure_requests.schemas import (
 )
 from service.errors import Problem
 from service.models_registry.models import RegisteredModel
-from service.states import RequestStatus
+from service.states import REQUEST_CANCELABLE, RequestStatus
 
 router = APIRouter(prefix="/v1/erasure-requests", tags=["erasure requests"])
 Writer = Annotated[Principal, Depends(require(Scope.REQUESTS_WRITE))]
@@ -29,10 +29,14 @@ Reader = Annotated[Principal, Depends(require(Scope.REQUESTS_READ))]
 def to_out(req: ErasureRequest, model_name: str) -> ErasureRequestOut:
     base = f"/v1/erasure-requests/{req.id}"
     links = {"self": base, "model": f"/v1/models/{model_name}"}
-    if RequestStatus(req.status) in (RequestStatus.RECEIVED, RequestStatus.QUEUED):
+    if RequestStatus(req.status) in REQUEST_CANCELABLE:
         links["cancel"] = f"{base}/cancel"
     if req.job_id:
         links["job"] = f"/v1/jobs/{req.job_id}"
+    if req.adapter_version is not None:
+        adapter = f"/v1/models/{model_name}/adapters/{req.adapter_version}"
+        links["adapter"] = adapter
+        links["download"] = f"{adapter}/download"
     return ErasureRequestOut(
         id=req.id,
         status=req.status,

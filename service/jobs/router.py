@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 
 from service.access.scopes import Scope
 from service.access.service import Principal
+from service.adapters.service import for_job
 from service.deps import SessionDep, require
 from service.jobs import service
 from service.jobs.schemas import JobOut
@@ -22,6 +23,7 @@ def get_job(
 ) -> JobOut:
     job, reqs = service.get_for(session, principal=principal, job_id=job_id)
     model = session.get(RegisteredModel, job.model_id)
+    version = for_job(session, job.id)
     return JobOut(
         id=job.id,
         model=model.name if model else job.model_id,
@@ -31,6 +33,9 @@ def get_job(
         max_attempts=job.max_attempts,
         requests=[r.id for r in reqs],
         method=job.method,
+        parent_version=job.parent_version,
+        adapter_version=version.version if version else None,
+        audit_rounds=job.audit_rounds,
         created_at=job.created_at,
         enqueued_at=job.enqueued_at,
         started_at=job.started_at,

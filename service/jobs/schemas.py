@@ -17,6 +17,9 @@ class JobOut(BaseModel):
     max_attempts: int
     requests: list[str] = Field(description="the covered requests you can see")
     method: dict[str, object] | None
+    parent_version: int | None = Field(description="the adapter version it continues from")
+    adapter_version: int | None = Field(description="the version it published")
+    audit_rounds: int = Field(description="audit retries done with stronger settings")
     created_at: datetime
     enqueued_at: datetime | None
     started_at: datetime | None

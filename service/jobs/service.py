@@ -111,6 +111,8 @@ def advance(
     now = utcnow()
     if stage in (J.SUCCEEDED, J.FAILED, J.CANCELED):
         job.finished_at = now
+    if stage is J.SUCCEEDED:
+        job.progress = 1.0
     if stage is J.FAILED and reason:
         job.error = reason[:2000]
     trail.record(
