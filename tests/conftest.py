@@ -98,6 +98,14 @@ def live_db(pg_database: str) -> Iterator[sessionmaker[Session]]:
         conn.execute(text("TRUNCATE " + ", ".join(TABLES) + " CASCADE"))
 
 
+@pytest.fixture(scope="session")
+def tiny_target(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny fine-tuned Llama of tests/ml/conftest.py, built once per session."""
+    from tests.ml.targets import build_tiny_target  # torch: only when a test needs it
+
+    return build_tiny_target(tmp_path_factory.mktemp("tiny"))
+
+
 @pytest.fixture
 def settings() -> Iterator[Any]:
     """The live settings object; attribute changes are undone after the test."""

@@ -29,18 +29,21 @@ from typing import Any, TypeVar
 import structlog
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import TypeAdapter, ValidationError
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from service.adapters import service as adapters
 from service.adapters.store import ArtifactStore, StoreError, get_store
 from service.config import Settings, get_settings
 from service.db import session_scope
+from service.erasure_requests.models import ErasureRequest
 from service.erasure_requests.service import decrypt_items
 from service.jobs import service as jobs
 from service.jobs.models import Job
 from service.models_registry.models import RegisteredModel
-from service.states import JobStage
+from service.states import JobStage, RequestStatus
 from workers.audit.policy import AuditPolicy
 from workers.ml.specs import MethodSpec
 
@@ -92,12 +95,16 @@ class JobInput:
     model_source: str
     request_ids: list[str]
     forget: list[dict[str, str]]
+    forget_owner: list[str]  # the request each forget item came from
     holdout: list[dict[str, str]]
     retain: list[dict[str, str]]
     method: dict[str, Any]
     parent_version: int | None
     parent_prefix: str | None
     audit_rounds: int
+    policy: dict[str, Any]
+    regression: list[dict[str, str]]  # items earlier versions forgot, not yet purged
+    regression_owner: list[str]
 
     def fingerprint(self) -> str:
         key = json.dumps(
@@ -115,19 +122,21 @@ def _read_input(job_id: str, worker_id: str) -> JobInput:
             raise PermanentError(f"the job's model {job.model_id} is no longer registered")
         reqs = jobs.live_requests(s, job.id)
         forget: list[dict[str, str]] = []
+        owners: list[str] = []
         holdout: list[dict[str, str]] = []
         for req in reqs:
-            try:
-                items, held = decrypt_items(req)
-            except Exception as exc:  # InvalidTag: wrong DATA_ENCRYPTION_KEY on this worker
-                raise PermanentError(
-                    f"cannot decrypt request {req.id}: this worker's DATA_ENCRYPTION_KEY "
-                    "differs from the gateway's"
-                ) from exc
+            items, held = _decrypt(req)
             if not items:
                 raise PermanentError(f"request {req.id} has no data left (purged)")
             forget += items
+            owners += [req.id] * len(items)
             holdout += held
+        regression: list[dict[str, str]] = []
+        regression_owner: list[str] = []
+        for req in _earlier_requests(s, job.model_id):
+            items = _decrypt(req)[0][: REGRESSION_MAX_ITEMS - len(regression)]
+            regression += items
+            regression_owner += [req.id] * len(items)
         raw_method = job.method or model.default_method or {"name": "npo"}
         try:
             method = _METHOD.validate_python(raw_method).model_dump()
@@ -149,7 +158,42 @@ def _read_input(job_id: str, worker_id: str) -> JobInput:
             parent_version=job.parent_version,
             parent_prefix=parent_prefix,
             audit_rounds=job.audit_rounds,
+            policy=model.audit_policy or {},
+            forget_owner=owners,
+            regression=regression,
+            regression_owner=regression_owner,
         )
+
+
+# The regression check re-measures at most this many items of earlier requests, the
+# newest first (its cost grows with them; older ones were re-checked by earlier versions).
+REGRESSION_MAX_ITEMS = 200
+
+
+def _decrypt(req: ErasureRequest) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    try:
+        return decrypt_items(req)
+    except Exception as exc:  # InvalidTag: wrong DATA_ENCRYPTION_KEY on this worker
+        raise PermanentError(
+            f"cannot decrypt request {req.id}: this worker's DATA_ENCRYPTION_KEY differs "
+            "from the gateway's"
+        ) from exc
+
+
+def _earlier_requests(session: Session, model_id: str) -> list[ErasureRequest]:
+    """Completed requests of the model whose items are still held (not yet purged)."""
+    return list(
+        session.scalars(
+            select(ErasureRequest)
+            .where(
+                ErasureRequest.model_id == model_id,
+                ErasureRequest.status == RequestStatus.COMPLETED.value,
+                ErasureRequest.items_ciphertext.is_not(None),
+            )
+            .order_by(ErasureRequest.finished_at.desc())
+            .limit(REGRESSION_MAX_ITEMS)
+        )
+    )
 
 
 def method_for_round(method: dict[str, Any], rnd: int) -> dict[str, Any]:
@@ -293,10 +337,13 @@ def _execute(
                 model_source=inp.model_source,
                 adapter_dir=Path(result["adapter_dir"]),
                 forget=inp.forget,
+                forget_owner=inp.forget_owner,
                 retain=inp.retain,
                 holdout=inp.holdout,
+                regression=inp.regression,
+                regression_owner=inp.regression_owner,
                 before_adapter=previous,
-                policy=AuditPolicy(),
+                policy=AuditPolicy.model_validate(inp.policy),
                 model_cache=settings.model_cache,
                 max_length=method["max_length"],
             )

@@ -6,11 +6,11 @@ import base64
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 
 from service.access.scopes import Scope
 from service.access.service import Principal
-from service.adapters import service
+from service.adapters import report, service
 from service.adapters.models import PUBLISHED, AdapterVersion
 from service.adapters.schemas import AdapterList, AdapterOut
 from service.adapters.service import ARCHIVE
@@ -22,6 +22,7 @@ from service.models_registry.models import RegisteredModel
 from service.trail import service as trail
 
 router = APIRouter(prefix="/v1/models/{name}/adapters", tags=["adapters"])
+Auditor = Annotated[Principal, Depends(require(Scope.AUDIT_READ))]
 Reader = Annotated[Principal, Depends(require_any(Scope.ADAPTERS_DOWNLOAD, Scope.AUDIT_READ))]
 
 
@@ -110,3 +111,36 @@ def download_adapter(
     headers["Content-Length"] = str(row.archive_bytes)
     headers["Content-Disposition"] = f'attachment; filename="{model.name}-v{row.version}.tar.gz"'
     return StreamingResponse(store.iter_bytes(key), media_type="application/gzip", headers=headers)
+
+
+@router.get(
+    "/{version}/audit",
+    summary="The full audit: every metric before and after, thresholds, verdict, probes",
+)
+def get_audit(name: str, version: str, session: SessionDep, _: Auditor) -> dict[str, object]:
+    model = models.get_by_name(session, name)
+    row = service.get_version(session, model, version)
+    return {
+        "model": model.name,
+        "version": row.version,
+        "status": row.status,
+        **row.audit,
+        "links": {
+            "adapter": f"/v1/models/{model.name}/adapters/{row.version}",
+            "html": f"/v1/models/{model.name}/adapters/{row.version}/audit.html",
+        },
+    }
+
+
+@router.get(
+    "/{version}/audit.html",
+    response_class=HTMLResponse,
+    summary="The audit as a self-contained report page for people",
+)
+def get_audit_html(name: str, version: str, session: SessionDep, _: Auditor) -> HTMLResponse:
+    model = models.get_by_name(session, name)
+    row = service.get_version(session, model, version)
+    return HTMLResponse(
+        report.render(row.audit, service.manifest_of(row, model)),
+        headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"},
+    )

@@ -169,3 +169,49 @@ def reject(
     out = _out(session, req)
     session.commit()
     return out
+
+
+@router.get(
+    "/{request_id}/audit",
+    summary="The audit of the adapter version that handled this request, for its own items",
+)
+def get_request_audit(
+    request_id: str,
+    session: SessionDep,
+    principal: Annotated[Principal, Depends(require(Scope.AUDIT_READ))],
+) -> dict[str, object]:
+    from service.adapters import service as adapters  # adapters -> jobs -> this package
+
+    req = service.get_for(session, principal=principal, request_id=request_id)
+    row = adapters.for_job(session, req.job_id) if req.job_id else None
+    if row is None or (req.adapter_version is not None and row.version != req.adapter_version):
+        raise Problem(
+            404,
+            "no-audit-yet",
+            "No audit yet",
+            f"the request is {req.status}; its audit exists once its adapter was audited "
+            "(status completed, or failed by the audit)",
+        )
+    model = session.get(RegisteredModel, req.model_id)
+    model_name = model.name if model else req.model_id
+    digests = req.item_hashes
+    items = [
+        {**item, "digest": digests[item["index"]] if item["index"] < len(digests) else None}
+        for item in row.audit.get("items", [])
+        if item.get("request_id") == req.id and item.get("set") == "forget"
+    ]
+    return {
+        "request_id": req.id,
+        "model": model_name,
+        "version": row.version,
+        "status": row.status,
+        "verdict": {
+            "passed": row.verdict["passed"],
+            "failed": [c["message"] for c in row.verdict.get("failed", [])],
+        },
+        "item_digest_salt": req.item_salt,
+        "items": items,
+        "links": {
+            "adapter_audit": f"/v1/models/{model_name}/adapters/{row.version}/audit",
+        },
+    }

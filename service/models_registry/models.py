@@ -20,4 +20,6 @@ class RegisteredModel(Base):
     source: Mapped[str] = mapped_column(String(1000))
     retain_items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     default_method: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The audit's thresholds (workers.audit.policy.AuditPolicy); None: the defaults.
+    audit_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -10,6 +10,7 @@ from service.deps import PrincipalDep, SessionDep, require, require_json
 from service.models_registry import service
 from service.models_registry.models import RegisteredModel
 from service.models_registry.schemas import ModelCreate, ModelList, ModelOut
+from workers.audit.policy import AuditPolicy
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -20,6 +21,7 @@ def to_out(model: RegisteredModel) -> ModelOut:
         source=model.source,
         retain_count=len(model.retain_items),
         default_method=model.default_method,
+        audit_policy=AuditPolicy.model_validate(model.audit_policy or {}).model_dump(),
         created_at=model.created_at,
         links={"self": f"/v1/models/{model.name}"},
     )

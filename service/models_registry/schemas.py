@@ -4,6 +4,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from workers.audit.policy import AuditPolicy
 from workers.ml.specs import DEFAULT_BUILTIN, Item, MethodSpec
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
@@ -33,6 +34,9 @@ class ModelCreate(BaseModel):
     default_method: MethodSpec | None = Field(
         default=None, description="method and parameters for requests that give none"
     )
+    audit_policy: AuditPolicy | None = Field(
+        default=None, description="the audit's pass/fail thresholds (omitted: the defaults)"
+    )
 
 
 class ModelOut(BaseModel):
@@ -40,6 +44,7 @@ class ModelOut(BaseModel):
     source: str
     retain_count: int
     default_method: dict[str, object] | None
+    audit_policy: dict[str, object] = Field(description="the thresholds in force")
     created_at: datetime
     links: dict[str, str]
 

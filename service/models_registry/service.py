@@ -60,6 +60,7 @@ def register(session: Session, *, spec: ModelCreate, actor: str) -> RegisteredMo
         source=spec.source,
         retain_items=[item.plain() for item in spec.retain],
         default_method=spec.default_method.model_dump() if spec.default_method else None,
+        audit_policy=spec.audit_policy.model_dump() if spec.audit_policy else None,
     )
     session.add(model)
     try:

@@ -8,7 +8,7 @@ import gc
 
 import torch
 
-from tests.ml.conftest import FORGET, RETAIN
+from tests.ml.targets import FORGET, RETAIN
 from workers.ml import loading
 from workers.ml.run import run_job
 from workers.ml.specs import JobSpec

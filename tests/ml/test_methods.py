@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from tests.ml.conftest import FORGET, FORGET_B, RETAIN
+from tests.ml.targets import FORGET, FORGET_B, RETAIN
 from workers.ml import loading, methods, specs
 from workers.ml.run import run_job
 from workers.ml.specs import JobSpec

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import REDIS_URL, Keys, auth, mint_keys, submit
-from tests.ml.conftest import FORGET, FORGET_B, RETAIN, build_tiny_target
+from tests.ml.targets import FORGET, FORGET_B, RETAIN, TINY_AUDIT_POLICY
 
 ROOT = Path(__file__).resolve().parents[2]
 # SimNPO: on the tiny target it passes the standard audit within 30 steps (measured:
@@ -143,11 +143,6 @@ def _dispatch_loop(stop: threading.Event) -> None:
         stop.wait(0.3)
 
 
-@pytest.fixture(scope="session")
-def tiny_target(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return build_tiny_target(tmp_path_factory.mktemp("tiny"))
-
-
 @pytest.fixture
 def broker_url() -> str:
     """The Redis database the stage uses as its broker, emptied first."""
@@ -190,7 +185,12 @@ def stack(
     with TestClient(create_app(), raise_server_exceptions=False) as client:
         r = client.post(
             "/v1/models",
-            json={"name": "tiny", "source": tiny_target, "retain": RETAIN},
+            json={
+                "name": "tiny",
+                "source": tiny_target,
+                "retain": RETAIN,
+                "audit_policy": TINY_AUDIT_POLICY,
+            },
             headers=auth(keys.admin),
         )
         assert r.status_code == 201, r.text

@@ -68,6 +68,26 @@ def test_request_becomes_a_downloadable_adapter_that_peft_loads(stack: Stack, tm
             before = model(ids).logits
     assert not torch.allclose(before, after)
 
+    # The audit: full, as a page, and cut down to the request's own items.
+    audit = stack.client.get("/v1/models/tiny/adapters/1/audit", headers=auth(stack.keys.a))
+    assert audit.status_code == 200, audit.text
+    full = audit.json()
+    assert full["verdict"]["passed"] is True and full["version"] == 1
+    assert {c["group"] for c in full["verdict"]["criteria"]} >= {"forgetting", "utility"}
+    assert full["metrics"]["forget_prob"]["after"] < full["metrics"]["forget_prob"]["before"]
+    page = stack.client.get("/v1/models/tiny/adapters/1/audit.html", headers=auth(stack.keys.a))
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "PASSED" in page.text and "<svg" in page.text and "<script" not in page.text
+    mine = stack.client.get(f"/v1/erasure-requests/{rid}/audit", headers=auth(stack.keys.a))
+    assert mine.status_code == 200, mine.text
+    own = mine.json()
+    assert [i["index"] for i in own["items"]] == list(range(len(FORGET)))
+    assert [i["digest"] for i in own["items"]] == done["item_digests"]["items"]
+    assert all(i["after"]["prob"] < i["before"]["prob"] for i in own["items"])
+    assert FORGET[0]["completion"] not in mine.text  # values and digests, never the text
+    other = stack.client.get(f"/v1/erasure-requests/{rid}/audit", headers=auth(stack.keys.b))
+    assert other.status_code == 404  # another tenant's request does not exist for it
+
     # Each download is in the trail, which still verifies.
     events = stack.client.get(
         "/v1/audit/events?event_type=adapter.downloaded", headers=auth(stack.keys.admin)

@@ -1,5 +1,6 @@
-"""Pass/fail thresholds of the audit. Pure pydantic, so the gateway can validate a
-model's policy without importing torch."""
+"""Pass/fail thresholds of the audit, per model. Pure pydantic, so the gateway can
+validate a model's policy without importing torch. Why each default is what it is:
+docs/audit.md."""
 
 from __future__ import annotations
 
@@ -9,12 +10,26 @@ from pydantic import BaseModel, ConfigDict, Field
 class AuditPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # Forgetting
     max_forget_prob_ratio: float = Field(
-        default=0.5,
-        gt=0,
-        le=1,
-        description="forget probability after / before must be at most this",
+        default=0.5, gt=0, le=1, description="forget probability after / before, at most"
     )
+    forget_rouge_margin: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="forget ROUGE-L recall may exceed the holdout items' by at most this "
+        "(answers about the person look like answers about people the model never saw)",
+    )
+    # Privacy
+    max_mia_deviation: float = Field(
+        default=0.3,
+        ge=0,
+        le=0.5,
+        description="every membership-inference AUC within 0.5 +/- this (both directions: "
+        "a very low AUC means the erasure itself is detectable)",
+    )
+    # Utility
     max_retain_nll_increase: float = Field(
         default=0.25,
         ge=0,
@@ -22,3 +37,47 @@ class AuditPolicy(BaseModel):
         "or by `retain_nll_slack` nats, whichever is larger (the engine's retain guard)",
     )
     retain_nll_slack: float = Field(default=0.1, ge=0)
+    min_probe_ratio: float = Field(
+        default=0.9, ge=0, le=1, description="general-knowledge accuracy after / before, at least"
+    )
+    min_utility_ratio: float = Field(
+        default=0.9, ge=0, le=1, description="utility harmonic mean after / before, at least"
+    )
+    probe: bool | None = Field(
+        default=None,
+        description="run the general-knowledge probe (None: only for the built-in model, "
+        "the one the shipped questions were written for)",
+    )
+    # Fluency
+    max_gibberish_increase: float = Field(default=0.1, ge=0, le=1)
+    max_repetition_increase: float = Field(default=0.1, ge=0, le=1)
+    max_forget_gibberish_rate: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="share of gibberish answers about the forgotten items, at most "
+        "(None: reported, not judged)",
+    )
+    # Robustness
+    robustness_rouge_margin: float = Field(
+        default=0.15,
+        ge=0,
+        le=1,
+        description="paraphrased questions and the 8/4-bit quantized model may reveal at "
+        "most this much more ROUGE-L than holdout items",
+    )
+    quantization: bool = Field(default=True, description="re-measure at 8 and 4 bits")
+    relearn_steps: int = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description="deep audit: fine-tune this many steps on half the forget items, then "
+        "measure the other half (0: off)",
+    )
+    # Regression
+    regression_max_prob_ratio: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="items forgotten by earlier versions: probability vs the base, at most",
+    )

@@ -1,11 +1,15 @@
-"""`audit_adapter`: load the base model with the adapter through PEFT, measure the
-forget, retain and holdout items with the adapter off (or the previous version on) and
-on, and judge the numbers against the policy. Deterministic: no sampling, fixed order,
-so the same adapter audited twice gives the same numbers."""
+"""`audit_adapter`: load the base model with the adapter through PEFT and measure, with
+the adapter off (or the previous version on: "before") and on ("after"), everything
+docs/audit.md lists; then judge the numbers against the model's policy.
+
+Deterministic: greedy decoding, fixed item order, seeded synthetic holdout, no
+sampling, so the same adapter audited twice gives the same numbers.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,13 +21,25 @@ import torch
 import transformers
 from peft import PeftModel
 
+from workers.audit import holdout as synthetic_holdout
 from workers.audit.policy import AuditPolicy
+from workers.audit.quantize import fake_quantized
+from workers.audit.scores import MIA_SCORES, auc, example_metrics, token_stats
+from workers.audit.text import is_gibberish, repetition_rate, rouge_l_recall
 from workers.ml import loading
-from workers.ml.data import encode_all
-from workers.ml.training import sequence_logprobs
+from workers.ml.data import Encoded, collate, encode_all, prompt_ids
+from workers.ml.evaluate import contains_any, general_knowledge, greedy_from_ids
+from workers.ml.losses import mean_nll
+from workers.ml.specs import BUILTIN_MODELS
 
-AUDIT_VERSION = "1"
-RETAIN_SAMPLE = 32  # retain items measured (cost grows with them; the first N, fixed)
+AUDIT_VERSION = "2"
+RETAIN_SAMPLE = 24  # retain items measured: the first N (cost grows with them)
+PARAPHRASES = (
+    "{q}",
+    "Please tell me: {q}",
+    "I need this for a form. {q}",
+    "Question: {q} Answer briefly.",
+)
 
 
 @dataclass
@@ -31,95 +47,190 @@ class AuditInput:
     model_source: str
     adapter_dir: Path
     forget: list[dict[str, str]]
+    forget_owner: list[str] = field(default_factory=list)  # request id per forget item
     retain: list[dict[str, str]] = field(default_factory=list)
     holdout: list[dict[str, str]] = field(default_factory=list)
+    regression: list[dict[str, str]] = field(default_factory=list)  # earlier versions' items
+    regression_owner: list[str] = field(default_factory=list)
     before_adapter: Path | None = None  # the previous version; None: the base model
     policy: AuditPolicy = field(default_factory=AuditPolicy)
     model_cache: Path | None = None
     device: str | None = None
     dtype: str | None = None
     max_length: int = 256
+    seed: int = 0
 
 
-def _per_item(model: Any, encoded: list[Any], pad_id: int) -> dict[str, list[float]]:
-    if not encoded:
-        return {"prob": [], "nll": []}
-    logp = sequence_logprobs(model, encoded, pad_id)
-    counts = torch.tensor([max(1, sum(t != -100 for t in e.labels[1:])) for e in encoded])
-    nll = (-logp / counts).tolist()
-    return {"prob": [float(torch.exp(torch.tensor(-v))) for v in nll], "nll": nll}
+@dataclass
+class _Set:
+    """Items made ready for measuring: encodings, generation prompts, references."""
+
+    items: list[dict[str, str]]
+    encoded: list[Encoded]
+    prompts: list[list[int]]
+    references: list[str]
+    texts: list[str]  # the target text (zlib score)
+
+    @classmethod
+    def build(cls, tok: Any, items: list[dict[str, str]], max_length: int) -> _Set:
+        encoded = encode_all(tok, items, max_length)
+        prompts, refs = [], []
+        for item, enc in zip(items, encoded, strict=True):
+            if "text" in item:
+                cut = next(k for k, t in enumerate(enc.labels) if t != -100)
+                prompts.append(enc.input_ids[:cut])
+                refs.append(tok.decode(enc.input_ids[cut:], skip_special_tokens=True))
+            else:
+                prompts.append(prompt_ids(tok, item["prompt"]))
+                refs.append(item["completion"])
+        return cls(items, encoded, prompts, refs, refs)
 
 
 def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+    return statistics.fmean(values) if values else None
+
+
+def _harmonic(values: list[float]) -> float:
+    return 0.0 if any(v <= 0 for v in values) else statistics.harmonic_mean(values)
+
+
+class _Auditor:
+    def __init__(self, inp: AuditInput) -> None:
+        self.inp = inp
+        resolved = loading.resolve(inp.model_source, inp.model_cache)
+        self.digest = resolved.digest
+        self.placement = loading.pick_placement(inp.device, inp.dtype)
+        base, self.tok = loading.load(resolved, self.placement)
+        self.model = PeftModel.from_pretrained(base, str(inp.adapter_dir), adapter_name="after")
+        if inp.before_adapter is not None:
+            self.model.load_adapter(str(inp.before_adapter), adapter_name="before")
+        self.model.eval()
+        self.pad = self.tok.pad_token_id
+        n = max(16, max((len(self.tok(r).input_ids) for r in self._refs()), default=16) + 8)
+        self.max_new = min(64, n)
+
+    def _refs(self) -> list[str]:
+        return [i.get("completion") or i.get("text", "") for i in self.inp.forget]
+
+    @contextlib.contextmanager
+    def state(self, name: str) -> Iterator[None]:
+        """`before`: the previous version, or the base (adapter off); `base`: always the
+        base; `after`: the new adapter."""
+        if name == "after":
+            self.model.set_adapter("after")
+            yield
+        elif name == "before" and self.inp.before_adapter is not None:
+            self.model.set_adapter("before")
+            yield
+            self.model.set_adapter("after")
+        else:
+            with self.model.disable_adapter():
+                yield
+
+    def answers(self, s: _Set, prompts: list[list[int]] | None = None) -> list[str]:
+        return greedy_from_ids(
+            self.model, self.tok, prompts or s.prompts, max_new_tokens=self.max_new
+        )
+
+    def measure(self, s: _Set, *, generate: bool = True) -> dict[str, Any]:
+        """Per-item token metrics (and ROUGE-L of greedy answers) in the current state."""
+        if not s.items:
+            return {"per_item": [], "answers": []}
+        per = [
+            example_metrics(st, text)
+            for st, text in zip(token_stats(self.model, s.encoded, self.pad), s.texts, strict=True)
+        ]
+        answers: list[str] = []
+        if generate:
+            answers = self.answers(s)
+            for row, ans, ref in zip(per, answers, s.references, strict=True):
+                row["rouge_l_recall"] = rouge_l_recall(ans, ref)
+        return {"per_item": per, "answers": answers}
+
+
+def _agg(measured: dict[str, Any], key: str) -> float | None:
+    return _mean([row[key] for row in measured["per_item"] if key in row])
+
+
+def _fluency(answers: list[str]) -> dict[str, float | None]:
+    if not answers:
+        return {"gibberish_rate": None, "repetition_rate": None}
+    return {
+        "gibberish_rate": sum(is_gibberish(a) for a in answers) / len(answers),
+        "repetition_rate": statistics.fmean(repetition_rate(a) for a in answers),
+    }
 
 
 def audit_adapter(inp: AuditInput) -> dict[str, Any]:
     t0 = time.perf_counter()
-    resolved = loading.resolve(inp.model_source, inp.model_cache)
-    placement = loading.pick_placement(inp.device, inp.dtype)
-    base, tok = loading.load(resolved, placement)
-    model = PeftModel.from_pretrained(base, str(inp.adapter_dir), adapter_name="after")
-    if inp.before_adapter is not None:
-        model.load_adapter(str(inp.before_adapter), adapter_name="before")
-    model.eval()
-
-    @contextlib.contextmanager
-    def state(name: str) -> Iterator[None]:
-        if name == "after":
-            model.set_adapter("after")
-            yield
-        elif inp.before_adapter is not None:
-            model.set_adapter("before")
-            yield
-        else:
-            with model.disable_adapter():
-                yield
-
+    torch.manual_seed(inp.seed)
+    a = _Auditor(inp)
+    policy = inp.policy
+    holdout_items = inp.holdout or synthetic_holdout.synthesize(inp.forget, seed=inp.seed)
     sets = {
-        "forget": encode_all(tok, inp.forget, inp.max_length),
-        "retain": encode_all(tok, inp.retain[:RETAIN_SAMPLE], inp.max_length),
-        "holdout": encode_all(tok, inp.holdout, inp.max_length),
+        "forget": _Set.build(a.tok, inp.forget, inp.max_length),
+        "holdout": _Set.build(a.tok, holdout_items, inp.max_length),
+        "retain": _Set.build(a.tok, inp.retain[:RETAIN_SAMPLE], inp.max_length),
+        "regression": _Set.build(a.tok, inp.regression, inp.max_length),
     }
-    measured: dict[str, dict[str, dict[str, list[float]]]] = {}
+    run_probe = policy.probe if policy.probe is not None else inp.model_source in BUILTIN_MODELS
+    probe = general_knowledge() if run_probe else []
+    probe_rows = [prompt_ids(a.tok, p["question"]) for p in probe]
+
+    m: dict[str, dict[str, Any]] = {}
+    probe_hits: dict[str, list[bool]] = {}
     for when in ("before", "after"):
-        with state(when):
-            measured[when] = {k: _per_item(model, v, tok.pad_token_id) for k, v in sets.items()}
+        with a.state(when):
+            m[when] = {name: a.measure(s) for name, s in sets.items() if name != "regression"}
+            if probe:
+                answers = greedy_from_ids(a.model, a.tok, probe_rows, max_new_tokens=24)
+                probe_hits[when] = [
+                    contains_any(ans, p["answers"]) for ans, p in zip(answers, probe, strict=True)
+                ]
+                m[when]["probe_answers"] = answers
+    with a.state("base"):
+        reg_base = a.measure(sets["regression"], generate=False)
+    with a.state("after"):
+        reg_after = a.measure(sets["regression"], generate=False)
+        paraphrased = _paraphrase_rouge(a, sets["forget"])
+    quantized = _quantized(a, sets["forget"]) if policy.quantization else {}
+    relearned = _relearn(a, sets["forget"], policy.relearn_steps) if policy.relearn_steps else None
 
-    def agg(when: str, part: str, stat: str) -> float | None:
-        return _mean(measured[when][part][stat])
-
-    metrics: dict[str, dict[str, Any]] = {}
-    for part, stat in (
-        ("forget", "prob"),
-        ("forget", "nll"),
-        ("retain", "nll"),
-        ("holdout", "prob"),
-    ):
-        before, after = agg("before", part, stat), agg("after", part, stat)
-        if before is None:
-            continue
-        metrics[f"{part}_{stat}"] = {
-            "before": before,
-            "after": after,
-            "per_item": {
-                "before": measured["before"][part][stat],
-                "after": measured["after"][part][stat],
-            },
-        }
-    criteria = _judge(metrics, inp.policy)
+    metrics = _metrics(m, probe_hits, reg_base, reg_after, paraphrased, quantized, relearned)
+    criteria = _judge(metrics, policy, has_holdout=bool(sets["holdout"].items))
     failed = [c for c in criteria if not c["passed"]]
     return {
         "audit_version": AUDIT_VERSION,
-        "policy": inp.policy.model_dump(),
+        "policy": policy.model_dump(),
         "before": "previous version" if inp.before_adapter else "base model",
+        "holdout_source": "request" if inp.holdout else "synthesized",
         "metrics": metrics,
-        "summary": {k: {"before": v["before"], "after": v["after"]} for k, v in metrics.items()},
+        "summary": {
+            k: {"before": v.get("before"), "after": v.get("after")}
+            for k, v in metrics.items()
+            if isinstance(v, dict) and "after" in v
+        },
+        "items": _items(inp, m, reg_base, reg_after),
+        "membership_scores": {
+            when: {
+                part: {s: [row[s] for row in m[when][part]["per_item"]] for s in MIA_SCORES}
+                for part in ("forget", "holdout")
+            }
+            for when in ("before", "after")
+        },
+        "probes": {
+            "paraphrase_templates": list(PARAPHRASES),
+            "quantization_bits": sorted(quantized),
+            "relearn_steps": policy.relearn_steps,
+            "general_knowledge_questions": len(probe),
+        },
         "verdict": {"passed": not failed, "criteria": criteria, "failed": failed},
         "environment": {
-            "device": str(placement.device),
-            "dtype": str(placement.dtype).removeprefix("torch."),
-            "base_model_digest": resolved.digest,
+            "device": str(a.placement.device),
+            "dtype": str(a.placement.dtype).removeprefix("torch."),
+            "base_model_digest": a.digest,
+            "seed": inp.seed,
+            "decoding": f"greedy, at most {a.max_new} new tokens",
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "peft": peft.__version__,
@@ -128,11 +239,191 @@ def audit_adapter(inp: AuditInput) -> dict[str, Any]:
     }
 
 
+def _paraphrase_rouge(a: _Auditor, s: _Set) -> list[float]:
+    """Mean ROUGE-L over the forget QA items, one value per template after the first."""
+    qa = [(i, item) for i, item in enumerate(s.items) if "prompt" in item]
+    out = []
+    for template in PARAPHRASES[1:]:
+        rows = [prompt_ids(a.tok, template.format(q=item["prompt"])) for _, item in qa]
+        answers = a.answers(s, rows) if rows else []
+        scores = [
+            rouge_l_recall(ans, s.references[i]) for ans, (i, _) in zip(answers, qa, strict=True)
+        ]
+        out.append(_mean(scores) or 0.0)
+    return out
+
+
+def _quantized(a: _Auditor, s: _Set) -> dict[int, dict[str, float | None]]:
+    out: dict[int, dict[str, float | None]] = {}
+    with a.state("after"):
+        for bits in (8, 4):
+            with fake_quantized(a.model, bits):
+                got = a.measure(s)
+            out[bits] = {
+                "forget_prob": _agg(got, "prob"),
+                "forget_rouge": _agg(got, "rouge_l_recall"),
+            }
+    return out
+
+
+def _relearn(a: _Auditor, s: _Set, steps: int) -> dict[str, float | None]:
+    """Fine-tune the adapter on the first half of the forget items, measure the second
+    half, then put the adapter's weights back."""
+    half = len(s.items) // 2
+    if half < 1:
+        return {"forget_rouge": None, "forget_prob": None}
+    params = {n: p for n, p in a.model.named_parameters() if "lora_" in n and ".after." in n}
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params.values(), lr=1e-3)
+    with a.state("after"):
+        a.model.train()
+        for step in range(steps):
+            batch = collate(s.encoded, [step % half], a.pad)
+            loss = mean_nll(a.model, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        a.model.eval()
+        rest = _Set(
+            s.items[half:], s.encoded[half:], s.prompts[half:], s.references[half:], s.texts[half:]
+        )
+        got = a.measure(rest)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+            p.requires_grad_(False)
+    return {"forget_rouge": _agg(got, "rouge_l_recall"), "forget_prob": _agg(got, "prob")}
+
+
+def _metrics(
+    m: dict[str, dict[str, Any]],
+    probe_hits: dict[str, list[bool]],
+    reg_base: dict[str, Any],
+    reg_after: dict[str, Any],
+    paraphrased: list[float],
+    quantized: dict[int, dict[str, float | None]],
+    relearned: dict[str, float | None] | None,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def ba(name: str, part: str, key: str) -> None:
+        before, after = _agg(m["before"][part], key), _agg(m["after"][part], key)
+        if after is not None:
+            out[name] = {"before": before, "after": after}
+
+    for key, name in (
+        ("prob", "forget_prob"),
+        ("rouge_l_recall", "forget_rouge"),
+        ("extraction_strength", "forget_extraction_strength"),
+        ("exact_memorization", "forget_exact_memorization"),
+    ):
+        ba(name, "forget", key)
+    ba("holdout_prob", "holdout", "prob")
+    ba("holdout_rouge", "holdout", "rouge_l_recall")
+    for score in MIA_SCORES:
+        vals = {
+            when: auc(
+                [r[score] for r in m[when]["forget"]["per_item"]],
+                [r[score] for r in m[when]["holdout"]["per_item"]],
+            )
+            for when in ("before", "after")
+        }
+        if vals["after"] is not None:
+            out[f"{score}_auc"] = vals
+    ba("retain_nll", "retain", "nll")
+    ba("retain_prob", "retain", "prob")
+    ba("retain_rouge", "retain", "rouge_l_recall")
+    if probe_hits:
+        out["probe_accuracy"] = {w: sum(h) / len(h) for w, h in probe_hits.items()}
+    for when in ("before", "after"):
+        parts = [
+            v
+            for v in (
+                _agg(m[when]["retain"], "prob"),
+                _agg(m[when]["retain"], "rouge_l_recall"),
+                out.get("probe_accuracy", {}).get(when),
+            )
+            if v is not None
+        ]
+        if parts:
+            out.setdefault("utility", {})[when] = _harmonic(parts)
+    for when in ("before", "after"):
+        # The model's general fluency: answers to everything but the forgotten items
+        # (those are reported on their own: babble there is a sign of over-unlearning).
+        answers = m[when]["retain"]["answers"] + m[when]["holdout"]["answers"]
+        answers += list(m[when].get("probe_answers", []))
+        for key, value in _fluency(answers).items():
+            if value is not None:
+                out.setdefault(key, {})[when] = value
+        forget_fluency = _fluency(m[when]["forget"]["answers"])["gibberish_rate"]
+        if forget_fluency is not None:
+            out.setdefault("forget_gibberish_rate", {})[when] = forget_fluency
+    if paraphrased:
+        out["paraphrase_rouge"] = {"after": max(paraphrased), "per_template": paraphrased}
+    for bits, got in quantized.items():
+        out[f"quantized_{bits}bit_rouge"] = {"after": got["forget_rouge"]}
+        out[f"quantized_{bits}bit_prob"] = {"after": got["forget_prob"]}
+    if relearned is not None:
+        out["relearned_rouge"] = {"after": relearned["forget_rouge"]}
+    if reg_after["per_item"]:
+        out["regression_prob"] = {
+            "before": _agg(reg_base, "prob"),
+            "after": _agg(reg_after, "prob"),
+        }
+    return out
+
+
+def _items(
+    inp: AuditInput,
+    m: dict[str, dict[str, Any]],
+    reg_base: dict[str, Any],
+    reg_after: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Per-item values (no text) with the request each item came from and its index in
+    that request, so a request's own audit can be cut out."""
+    out = []
+    counters: dict[str, int] = {}
+    for k, owner in enumerate(inp.forget_owner or [""] * len(inp.forget)):
+        index = counters.get(owner, 0)
+        counters[owner] = index + 1
+        before, after = m["before"]["forget"]["per_item"][k], m["after"]["forget"]["per_item"][k]
+        out.append(
+            {
+                "request_id": owner or None,
+                "index": index,
+                "set": "forget",
+                "before": {
+                    key: before[key] for key in ("prob", "rouge_l_recall", "extraction_strength")
+                },
+                "after": {
+                    key: after[key] for key in ("prob", "rouge_l_recall", "extraction_strength")
+                },
+            }
+        )
+    counters = {}
+    for k, owner in enumerate(inp.regression_owner or [""] * len(inp.regression)):
+        index = counters.get(owner, 0)
+        counters[owner] = index + 1
+        out.append(
+            {
+                "request_id": owner or None,
+                "index": index,
+                "set": "regression",
+                "before": {"prob": reg_base["per_item"][k]["prob"]},
+                "after": {"prob": reg_after["per_item"][k]["prob"]},
+            }
+        )
+    return out
+
+
 def _criterion(
-    name: str, value: float, threshold: float, passed: bool, message: str
+    name: str, group: str, value: float, threshold: float, passed: bool, message: str
 ) -> dict[str, Any]:
     return {
         "name": name,
+        "group": group,
         "value": value,
         "threshold": threshold,
         "passed": passed,
@@ -140,13 +431,17 @@ def _criterion(
     }
 
 
-def _judge(metrics: dict[str, dict[str, Any]], policy: AuditPolicy) -> list[dict[str, Any]]:
-    out = []
+def _judge(
+    metrics: dict[str, Any], policy: AuditPolicy, *, has_holdout: bool
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    add = out.append
     fp = metrics["forget_prob"]
     ratio = fp["after"] / max(fp["before"], 1e-12)
-    out.append(
+    add(
         _criterion(
             "forget_prob_ratio",
+            "forgetting",
             ratio,
             policy.max_forget_prob_ratio,
             ratio <= policy.max_forget_prob_ratio,
@@ -154,18 +449,147 @@ def _judge(metrics: dict[str, dict[str, Any]], policy: AuditPolicy) -> list[dict
             f"(must be at most {policy.max_forget_prob_ratio})",
         )
     )
-    if "retain_nll" in metrics:
+    rouge = metrics.get("forget_rouge", {}).get("after")
+    reference = metrics.get("holdout_rouge", {}).get("after") if has_holdout else None
+    if rouge is not None and reference is not None:
+        limit = reference + policy.forget_rouge_margin
+        add(
+            _criterion(
+                "forget_rouge",
+                "forgetting",
+                rouge,
+                limit,
+                rouge <= limit,
+                f"answers about the forgotten items match them with ROUGE-L recall "
+                f"{rouge:.3f}; answers about holdout items score {reference:.3f}, so at "
+                f"most {limit:.3f} is allowed",
+            )
+        )
+    for score in MIA_SCORES:
+        value = metrics.get(f"{score}_auc", {}).get("after")
+        if value is None:
+            continue
+        dev = abs(value - 0.5)
+        add(
+            _criterion(
+                f"{score}_auc",
+                "privacy",
+                value,
+                policy.max_mia_deviation,
+                dev <= policy.max_mia_deviation,
+                f"membership-inference AUC ({score.removeprefix('mia_')} score) is "
+                f"{value:.3f}; it must stay within 0.5 +/- {policy.max_mia_deviation}"
+                + (" (too low: the erasure itself is detectable)" if value < 0.5 else ""),
+            )
+        )
+    if "retain_nll" in metrics and metrics["retain_nll"]["before"] is not None:
         r = metrics["retain_nll"]
         rise = r["after"] - r["before"]
         allowed = max(policy.max_retain_nll_increase * r["before"], policy.retain_nll_slack)
-        out.append(
+        add(
             _criterion(
                 "retain_nll_increase",
+                "utility",
                 rise,
                 allowed,
                 rise <= allowed,
-                f"retain NLL rose by {rise:+.3f} nats from {r['before']:.3f} (at most "
-                f"{allowed:.3f} allowed)",
+                f"retain NLL rose by {rise:+.3f} nats from {r['before']:.3f} "
+                f"(at most {allowed:.3f} allowed)",
+            )
+        )
+    if "probe_accuracy" in metrics:
+        p = metrics["probe_accuracy"]
+        ratio_p = p["after"] / max(p["before"], 1e-12)
+        add(
+            _criterion(
+                "probe_accuracy_ratio",
+                "utility",
+                ratio_p,
+                policy.min_probe_ratio,
+                ratio_p >= policy.min_probe_ratio,
+                f"general-knowledge accuracy went from {p['before']:.3f} to "
+                f"{p['after']:.3f} ({ratio_p:.1%} kept, at least "
+                f"{policy.min_probe_ratio:.0%} required)",
+            )
+        )
+    if "utility" in metrics and metrics["utility"].get("before"):
+        u = metrics["utility"]
+        ratio_u = u["after"] / u["before"]
+        add(
+            _criterion(
+                "utility_ratio",
+                "utility",
+                ratio_u,
+                policy.min_utility_ratio,
+                ratio_u >= policy.min_utility_ratio,
+                f"model utility (harmonic mean) kept {ratio_u:.1%} of its value "
+                f"before (at least {policy.min_utility_ratio:.0%} required)",
+            )
+        )
+    for key, limit_add in (
+        ("gibberish_rate", policy.max_gibberish_increase),
+        ("repetition_rate", policy.max_repetition_increase),
+    ):
+        if key in metrics:
+            f = metrics[key]
+            limit = f["before"] + limit_add
+            add(
+                _criterion(
+                    key,
+                    "fluency",
+                    f["after"],
+                    limit,
+                    f["after"] <= limit,
+                    f"{key.replace('_', ' ')} of generations is {f['after']:.3f} "
+                    f"(was {f['before']:.3f}; at most {limit:.3f} allowed)",
+                )
+            )
+    if policy.max_forget_gibberish_rate is not None and "forget_gibberish_rate" in metrics:
+        value = metrics["forget_gibberish_rate"]["after"]
+        limit = policy.max_forget_gibberish_rate
+        add(
+            _criterion(
+                "forget_gibberish_rate",
+                "fluency",
+                value,
+                limit,
+                value <= limit,
+                f"{value:.0%} of the answers about the forgotten items are gibberish "
+                f"(at most {limit:.0%} allowed)",
+            )
+        )
+    if reference is not None:
+        limit = reference + policy.robustness_rouge_margin
+        probes = [("paraphrase_rouge", "paraphrased questions")]
+        probes += [(f"quantized_{b}bit_rouge", f"the model quantized to {b} bits") for b in (8, 4)]
+        probes += [("relearned_rouge", "a relearning attack")]
+        for key, what in probes:
+            value = metrics.get(key, {}).get("after")
+            if value is None:
+                continue
+            add(
+                _criterion(
+                    key,
+                    "robustness",
+                    value,
+                    limit,
+                    value <= limit,
+                    f"with {what} the forgotten answers come back with ROUGE-L "
+                    f"{value:.3f} (at most {limit:.3f}: holdout level plus margin)",
+                )
+            )
+    if "regression_prob" in metrics and metrics["regression_prob"]["before"]:
+        g = metrics["regression_prob"]
+        ratio_g = g["after"] / g["before"]
+        add(
+            _criterion(
+                "regression_prob_ratio",
+                "regression",
+                ratio_g,
+                policy.regression_max_prob_ratio,
+                ratio_g <= policy.regression_max_prob_ratio,
+                f"items forgotten by earlier versions are at {ratio_g:.3f} of their "
+                f"base-model probability (at most {policy.regression_max_prob_ratio})",
             )
         )
     return out

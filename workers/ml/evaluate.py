@@ -22,18 +22,27 @@ def general_knowledge() -> list[dict[str, Any]]:
 def greedy_answers(
     model: Any, tok: Any, prompts: list[str], *, max_new_tokens: int = 32, batch_size: int = 16
 ) -> list[str]:
-    """Deterministic (greedy) answers, batched with left padding."""
+    """Deterministic (greedy) answers to chat prompts, batched with left padding."""
+    rows = [prompt_ids(tok, p) for p in prompts]
+    return greedy_from_ids(model, tok, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+@torch.no_grad()
+def greedy_from_ids(
+    model: Any, tok: Any, rows: list[list[int]], *, max_new_tokens: int = 32, batch_size: int = 16
+) -> list[str]:
+    """Greedy continuations of token prompts (chat prompts or raw text prefixes)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad = tok.pad_token_id
     out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [prompt_ids(tok, p) for p in prompts[start : start + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for k, r in enumerate(rows):
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for k, r in enumerate(chunk):
             ids[k, width - len(r) :] = torch.tensor(r)
             mask[k, width - len(r) :] = 1
         gen = model.generate(

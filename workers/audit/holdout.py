@@ -1,0 +1,187 @@
+"""Holdout items for a request that brought none: the same items with the person's
+specific values replaced by synthetic ones, so they share the templates but state facts
+the model never saw (the comparison set of the membership-inference test).
+
+What counts as a specific value, replaced in this order, consistently across all items
+(the same original always gets the same replacement, so "Jane Roe" in a question and in
+its answer stay one synthetic person):
+1. e-mail addresses -> `<synthetic name>@example.org`;
+2. dates: `4 May 1985`, `May 4, 1985`, `1985-05-04`, `04/05/1985` -> another date of
+   the same shape;
+3. digit runs (phone numbers, house numbers, account numbers, ages) -> random digits of
+   the same length and separators;
+4. capitalised words that are not sentence starts or common function words (names,
+   streets, cities, employers) -> synthetic words from the name and place lists.
+An item in which nothing was replaced is dropped: it holds nothing specific to compare.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from workers.ml.synthetic import CITIES, EMPLOYERS, FIRST, LAST, MONTHS
+
+_MONTH = "|".join(MONTHS)
+# One pass, alternatives in priority order, so a replacement is never replaced again.
+_SPECIFIC = re.compile(
+    "|".join(
+        [
+            r"(?P<email>\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b)",
+            rf"(?P<date>\b\d{{1,2}} (?:{_MONTH}) \d{{4}}\b|\b(?:{_MONTH}) \d{{1,2}}, \d{{4}}\b"
+            r"|\b\d{4}-\d{2}-\d{2}\b|\b\d{1,2}/\d{1,2}/\d{4}\b)",
+            r"(?P<digits>\d+(?:[ ().-]*\d+)*)",
+            r"(?P<word>\b[A-Z][a-z]+(?:-[A-Z][a-z]+)?\b)",
+        ]
+    )
+)
+_COMMON = {
+    "I",
+    "A",
+    "An",
+    "The",
+    "What",
+    "Where",
+    "When",
+    "Who",
+    "Whom",
+    "Whose",
+    "Which",
+    "Why",
+    "How",
+    "Is",
+    "Are",
+    "Was",
+    "Were",
+    "Does",
+    "Do",
+    "Did",
+    "Has",
+    "Have",
+    "Had",
+    "Can",
+    "Could",
+    "Will",
+    "Would",
+    "Should",
+    "Tell",
+    "Please",
+    "My",
+    "His",
+    "Her",
+    "Their",
+    "Our",
+    "Your",
+    "He",
+    "She",
+    "They",
+    "We",
+    "You",
+    "It",
+    "This",
+    "That",
+    "In",
+    "On",
+    "At",
+    "Of",
+    "For",
+    "With",
+    "And",
+    "Or",
+    "But",
+    "If",
+    "Yes",
+    "No",
+    "Mr",
+    "Mrs",
+    "Ms",
+    "Dr",
+    "Street",
+    "Road",
+    "Avenue",
+    "Lane",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+    *MONTHS,
+}
+_WORDS = [*FIRST, *LAST, *(c.split()[0] for c in CITIES), *(e.split()[0] for e in EMPLOYERS)]
+
+
+class _Replacer:
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.seen: dict[str, str] = {}
+
+    def _once(self, original: str, make: object) -> str:
+        if original not in self.seen:
+            new = make()  # type: ignore[operator]
+            self.seen[original] = new if new != original else make()  # type: ignore[operator]
+        return self.seen[original]
+
+    def email(self, m: re.Match[str]) -> str:
+        return self._once(
+            m.group(),
+            lambda: f"{self.rng.choice(FIRST).lower()}.{self.rng.choice(LAST).lower()}@example.org",
+        )
+
+    def date(self, m: re.Match[str]) -> str:
+        def make() -> str:
+            text = m.group()
+            year = str(self.rng.randint(1940, 2005))
+            month = self.rng.choice(MONTHS)
+            day = str(self.rng.randint(1, 28))
+            if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+                return f"{year}-{self.rng.randint(1, 12):02d}-{int(day):02d}"
+            if "/" in text:
+                return f"{int(day):02d}/{self.rng.randint(1, 12):02d}/{year}"
+            if text[0].isdigit():
+                return f"{day} {month} {year}"
+            return f"{month} {day}, {year}"
+
+        return self._once(m.group(), make)
+
+    def digits(self, m: re.Match[str]) -> str:
+        def make() -> str:
+            return "".join(
+                str(self.rng.randint(1 if k == 0 else 0, 9)) if c.isdigit() else c
+                for k, c in enumerate(m.group())
+            )
+
+        return self._once(m.group(), make)
+
+    def word(self, m: re.Match[str], text: str) -> str:
+        w = m.group()
+        start = m.start()
+        sentence_start = start == 0 or re.search(r"[.!?]\s*$", text[:start]) is not None
+        if w in _COMMON or (sentence_start and w.lower() in {c.lower() for c in _COMMON}):
+            return w
+        return self._once(w, lambda: self.rng.choice(_WORDS))
+
+    def text(self, text: str) -> str:
+        def one(m: re.Match[str]) -> str:
+            kind = m.lastgroup
+            if kind == "email":
+                return self.email(m)
+            if kind == "date":
+                return self.date(m)
+            if kind == "digits":
+                return self.digits(m)
+            return self.word(m, text)
+
+        return _SPECIFIC.sub(one, text)
+
+
+def synthesize(items: list[dict[str, str]], seed: int = 0) -> list[dict[str, str]]:
+    """Holdout versions of `items` (QA or text), deterministic for a seed."""
+    rep = _Replacer(seed)
+    out = []
+    for item in items:
+        new = {k: rep.text(v) for k, v in item.items()}
+        if new != item:
+            out.append(new)
+    return out
