@@ -172,7 +172,7 @@ def render(audit: dict[str, Any], manifest: dict[str, Any]) -> str:
         f"<th>threshold</th><th></th><th>meaning</th></tr>{criteria}</table>"
         f'<h2>Before and after</h2><p class="legend"><span style="background:{BEFORE}"></span>'
         f'before<span style="background:{AFTER}"></span>after</p><div class="charts">{charts}</div>'
-        '<h2>Membership-inference scores</h2><p class="legend">'
+        '<h2 id="membership">Membership-inference scores</h2><p class="legend">'
         f'<span style="background:{FORGET}"></span>forget items'
         f'<span style="background:{HOLDOUT}"></span>holdout items (never trained on). After a '
         "good erasure the two overlap.</p>"

@@ -237,3 +237,44 @@ def test_store_rejects_keys_that_escape_and_leaves_no_temporary_files(tmp_path):
     assert [p.name for p in (tmp_path / "root").rglob("*") if p.is_file()] == ["c.bin"]
     store.delete_prefix("a")
     assert not store.exists("a/b/c.bin")
+
+
+def test_request_audit_shows_only_its_own_items_or_says_why_there_is_none(
+    db, client, keys, model, tmp_path, store
+):
+    who = f.principal(db)  # tenant acme, like keys.a
+    reqs = f.requests(db, who, 2, "support")
+    r = client.get(f"/v1/erasure-requests/{reqs[0].id}/audit", headers=auth(keys.a))
+    assert r.status_code == 404 and r.json()["type"].endswith("no-audit-yet")
+
+    [job_id] = dispatcher.batch_pending(db)
+    job = jobs.claim(db, job_id=job_id, worker_id="w1")
+    for stage in (J.TRAINING, J.EVALUATING, J.PACKAGING):
+        jobs.advance(db, job, stage, actor="w1")
+    st = staged(tmp_path, passed=False)
+    st.audit["items"] = [
+        {
+            "request_id": reqs[0].id,
+            "index": 0,
+            "set": "forget",
+            "before": {"prob": 0.9},
+            "after": {"prob": 0.8},
+        },
+        {
+            "request_id": reqs[1].id,
+            "index": 0,
+            "set": "forget",
+            "before": {"prob": 0.7},
+            "after": {"prob": 0.1},
+        },
+    ]
+    adapters.publish(db, job=job, staged=st, store=store, actor="w1")
+    r = client.get(f"/v1/erasure-requests/{reqs[0].id}/audit", headers=auth(keys.a))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["version"], body["status"], body["verdict"]["passed"]) == (1, "quarantined", False)
+    assert body["verdict"]["failed"] == [FAIL["message"]]
+    assert [(i["index"], i["after"]["prob"], i["digest"]) for i in body["items"]] == [
+        (0, 0.8, reqs[0].item_hashes[0])
+    ]
+    assert body["item_digest_salt"] == reqs[0].item_salt
