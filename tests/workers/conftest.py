@@ -144,6 +144,27 @@ def _dispatch_loop(stop: threading.Event) -> None:
 
 
 @pytest.fixture
+def live_url(stack: Stack) -> Iterator[str]:
+    """The API over real HTTP (uvicorn in a thread), for the Python client."""
+    import socket
+
+    import uvicorn
+
+    from service.main import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for("uvicorn", lambda: server.started, timeout=20)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
 def broker_url() -> str:
     """The Redis database the stage uses as its broker, emptied first."""
     redis.Redis.from_url(REDIS_URL).flushdb()

@@ -109,3 +109,25 @@ def test_second_batch_continues_from_the_first_version(stack: Stack):
     assert v2["covered_requests"] == [second]
     assert stack.request(second)["adapter_version"] == 2
     assert stack.request(first)["adapter_version"] == 1
+
+
+def test_the_python_client_submits_waits_audits_and_downloads(stack: Stack, live_url, tmp_path):
+    from service.client import ApiError, Client
+
+    stack.start_worker()
+    with Client(live_url, stack.keys.a) as client:
+        key = "client-test-1"
+        req = client.submit("tiny", "subject-9", FORGET, method=FAST_METHOD, idempotency_key=key)
+        again = client.submit("tiny", "subject-9", FORGET, method=FAST_METHOD, idempotency_key=key)
+        assert again["id"] == req["id"]  # a retried submit stores one request
+        done = client.wait(req["id"], timeout=180, poll=0.5)
+        assert done["status"] == "completed", stack.logs()
+        assert client.request_audit(req["id"])["verdict"]["passed"] is True
+        folder = client.download("tiny", done["adapter_version"], tmp_path / "adapter")
+        assert (folder / "adapter_model.safetensors").is_file()
+        try:
+            client.download("tiny", 99, tmp_path / "nope")
+        except ApiError as exc:
+            assert exc.status == 404 and "no adapter version" in exc.problem["detail"]
+        else:
+            raise AssertionError("a missing version must raise ApiError")
