@@ -4,6 +4,7 @@ keys)."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -242,6 +243,143 @@ def verify_trail() -> None:
         result = trail.verify(session)
     console.print(result)
     raise typer.Exit(0 if result.ok else 1)
+
+
+# ---- talking to a running service (the Python client) -----------------------------
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="UNLEARN_URL", help="the service's base URL")]
+KeyOpt = Annotated[
+    str, typer.Option("--key", envvar="UNLEARN_API_KEY", help="an API key (ulk_...)")
+]
+models_app = typer.Typer(help="Registered base models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def _client(url: str, key: str):  # type: ignore[no-untyped-def]
+    from service.client import Client
+
+    return Client(url, key)
+
+
+def _print_json(data: object) -> None:
+    console.print_json(json.dumps(data, default=str))
+
+
+def _call(fn):  # type: ignore[no-untyped-def]
+    """Run a client call; a problem from the service becomes a readable error, exit 1."""
+    from service.client import ApiError
+
+    try:
+        return fn()
+    except ApiError as exc:
+        console.print(
+            f"[red]{exc.status} {exc.problem.get('title', '')}[/]: {exc.problem.get('detail', '')}"
+        )
+        raise typer.Exit(1) from exc
+
+
+def _load_items(path: Path) -> list[dict[str, str]]:
+    data = json.loads(path.read_text())
+    return list(data["items"] if isinstance(data, dict) else data)
+
+
+@models_app.command("add")
+def models_add(
+    name: str,
+    source: Annotated[
+        str, typer.Option(help="'builtin:smollm2-135m-instruct' or a model folder")
+    ] = ("builtin:smollm2-135m-instruct"),
+    retain: Annotated[
+        Path | None, typer.Option(help="JSON file: a list of {prompt, completion} or {text} items")
+    ] = None,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    key: KeyOpt = "",
+) -> None:
+    """Register a base model (admin key)."""
+    items = _load_items(retain) if retain else []
+    with _client(url, key) as c:
+        _print_json(_call(lambda: c.register_model(name, source, items)))
+
+
+@app.command()
+def submit(
+    model: Annotated[str, typer.Option(help="a registered model's name")],
+    subject: Annotated[str, typer.Option(help="your reference for the data subject")],
+    items: Annotated[Path, typer.Option(help="JSON file: the items to forget (a list)")],
+    holdout: Annotated[Path | None, typer.Option(help="JSON file: holdout items")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="default: a new UUID")] = None,
+    wait: Annotated[bool, typer.Option(help="wait for the outcome with a progress bar")] = False,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    key: KeyOpt = "",
+) -> None:
+    """Submit an erasure request (and optionally wait until it is fulfilled)."""
+    with _client(url, key) as c:
+        req = _call(
+            lambda: c.submit(
+                model,
+                subject,
+                _load_items(items),
+                holdout=_load_items(holdout) if holdout else None,
+                idempotency_key=idempotency_key,
+            )
+        )
+        if wait:
+            req = _call(lambda: c.wait(req["id"], progress=True))
+        _print_json(req)
+        if req["status"] in ("failed", "rejected"):
+            raise typer.Exit(1)
+
+
+@app.command()
+def status(request_id: str, url: UrlOpt = "http://127.0.0.1:8000", key: KeyOpt = "") -> None:
+    """An erasure request's status (and its job's stage and progress)."""
+    with _client(url, key) as c:
+        req = _call(lambda: c.request(request_id))
+        if req.get("job_id"):
+            job = _call(lambda: c.job(req["job_id"]))
+            req["job"] = {k: job[k] for k in ("stage", "progress", "attempts", "error")}
+        _print_json(req)
+
+
+@app.command()
+def audit(
+    request_id: Annotated[str | None, typer.Argument(help="a request id")] = None,
+    model: Annotated[str | None, typer.Option(help="or: a model's adapter audit")] = None,
+    version: Annotated[str, typer.Option(help="with --model: a version or 'latest'")] = "latest",
+    url: UrlOpt = "http://127.0.0.1:8000",
+    key: KeyOpt = "",
+) -> None:
+    """The audit of a request (its own items) or of an adapter version (everything)."""
+    with _client(url, key) as c:
+        if model:
+            report = _call(lambda: c.adapter_audit(model, version))
+            verdict = report["verdict"]
+            for crit in verdict["criteria"]:
+                mark = "[green]pass[/]" if crit["passed"] else "[red]FAIL[/]"
+                console.print(f"{mark} {crit['group']:<11} {crit['message']}")
+            console.print(f"verdict: {'PASSED' if verdict['passed'] else 'FAILED'}")
+        elif request_id:
+            _print_json(_call(lambda: c.request_audit(request_id)))
+        else:
+            raise typer.BadParameter("give a request id or --model")
+
+
+@app.command()
+def download(
+    model: str,
+    version: Annotated[str, typer.Option(help="a version number or 'latest'")] = "latest",
+    out: Annotated[Path, typer.Option(help="folder to extract the adapter into")] = Path("adapter"),
+    url: UrlOpt = "http://127.0.0.1:8000",
+    key: KeyOpt = "",
+) -> None:
+    """Download an audited adapter, verify every digest, extract it (a folder PEFT loads)."""
+    with _client(url, key) as c:
+        folder = _call(lambda: c.download(model, version, out))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    console.print(
+        f"{model} v{manifest['version']} -> {folder} (digests verified; base "
+        f"{manifest['base_model']['digest']})"
+    )
 
 
 def _redacted(url: str) -> str:

@@ -131,3 +131,21 @@ def test_the_python_client_submits_waits_audits_and_downloads(stack: Stack, live
             assert exc.status == 404 and "no adapter version" in exc.problem["detail"]
         else:
             raise AssertionError("a missing version must raise ApiError")
+
+    # The same through the command line.
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    runner = CliRunner()
+    opts = ["--url", live_url, "--key", stack.keys.a]
+    res = runner.invoke(app, ["status", req["id"], *opts])
+    assert res.exit_code == 0 and '"completed"' in res.output, res.output
+    res = runner.invoke(app, ["audit", "--model", "tiny", "--version", "1", *opts])
+    assert res.exit_code == 0 and "verdict: PASSED" in res.output, res.output
+    res = runner.invoke(app, ["download", "tiny", "--out", str(tmp_path / "cli"), *opts])
+    assert res.exit_code == 0 and "digests verified" in res.output, res.output
+    res = runner.invoke(
+        app, ["download", "tiny", "--version", "7", "--out", str(tmp_path / "x"), *opts]
+    )
+    assert res.exit_code == 1 and "404" in res.output
