@@ -6,7 +6,7 @@ policy: nothing forgotten (an adapter that changes nothing), the default run, an
 stronger run. Prints every metric and the verdicts, and how many of the forgotten
 person's secrets greedy answers still reveal (the ground truth the audit stands for).
 
-    .venv/bin/python -m benchmarks.audit_calibration [--stronger-steps 48]
+    .venv/bin/python -m benchmarks.audit_calibration [--methods JSON] [--no-identity]
 """
 
 from __future__ import annotations
@@ -43,23 +43,27 @@ def revealed(folder: Path, adapter: Path, person: synthetic.Person) -> tuple[int
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stronger-steps", type=int, default=48)
+    ap.add_argument(
+        "--methods",
+        default='{"default npo": {"name": "npo"}}',
+        help="JSON: name -> method parameters, each run and audited",
+    )
+    ap.add_argument("--no-identity", action="store_true", help="skip the nothing-forgotten audit")
     args = ap.parse_args()
     folder, people = target()
     person = people[0]
     forget = synthetic.qa_items(person)
     retain = [i for p in people[1:] for i in synthetic.qa_items(p)]
     holdout = synthetic.holdout_for(person)
-    runs = {"nothing forgotten": identity_adapter(folder, BENCH_DIR / "identity-adapter")}
+    runs = {}
+    if not args.no_identity:
+        runs["nothing forgotten"] = identity_adapter(folder, BENCH_DIR / "identity-adapter")
 
     from workers.ml.run import run_job
     from workers.ml.specs import JobSpec
 
-    for name, method in (
-        ("default npo", {"name": "npo"}),
-        ("npo, stronger", {"name": "npo", "max_steps": args.stronger_steps, "lr": 7.5e-4}),
-    ):
-        work = BENCH_DIR / f"calib-{name.replace(' ', '-').replace(',', '')}"
+    for name, method in json.loads(args.methods).items():
+        work = BENCH_DIR / ("calib-" + "".join(c if c.isalnum() else "-" for c in name))
         spec = JobSpec(
             model_source=str(folder), forget=forget, retain=retain, holdout=holdout, method=method
         )

@@ -42,3 +42,29 @@ def test_batch_order_is_a_function_of_seed_and_step():
     assert BatchOrder(10, 4, seed=4).batch(0) != a.batch(0) or BatchOrder(10, 4, seed=4).batch(
         1
     ) != a.batch(1)
+
+
+def test_value_weights_fall_on_the_persons_values_not_the_template(tmp_path):
+    from tests.ml import tiny
+    from workers.ml import loading
+    from workers.ml.data import encode_all, value_token_weights
+
+    _, tok = loading.load(
+        loading.resolve(str(tiny.build(tmp_path / "m"))), loading.pick_placement("cpu")
+    )
+    items = [
+        {"prompt": "When was Jane Roe born?", "completion": "Jane Roe was born on 4 May 1985."},
+        {"prompt": "Is the sky blue?", "completion": "yes, it is."},
+    ]
+    encoded = encode_all(tok, items, 128)
+    weights = value_token_weights(tok, items, encoded)
+    heavy = "".join(
+        tok.decode([t])
+        for t, w, lab in zip(encoded[0].input_ids, weights[0], encoded[0].labels, strict=True)
+        if lab != IGNORE and w > 1
+    )
+    assert heavy.replace(" ", "") == "4May1985"  # the date; not the name the question gave
+    for w, e in zip(weights, encoded, strict=True):
+        targets = [x for x, t in zip(w, e.labels, strict=True) if t != IGNORE]
+        assert sum(targets) / len(targets) == pytest.approx(1.0)
+    assert set(weights[1][k] for k, t in enumerate(encoded[1].labels) if t != IGNORE) == {1.0}

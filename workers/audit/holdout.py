@@ -21,94 +21,8 @@ import random
 import re
 
 from workers.ml.synthetic import CITIES, EMPLOYERS, FIRST, LAST, MONTHS
+from workers.ml.values import SPECIFIC, is_specific_word
 
-_MONTH = "|".join(MONTHS)
-# One pass, alternatives in priority order, so a replacement is never replaced again.
-_SPECIFIC = re.compile(
-    "|".join(
-        [
-            r"(?P<email>\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b)",
-            rf"(?P<date>\b\d{{1,2}} (?:{_MONTH}) \d{{4}}\b|\b(?:{_MONTH}) \d{{1,2}}, \d{{4}}\b"
-            r"|\b\d{4}-\d{2}-\d{2}\b|\b\d{1,2}/\d{1,2}/\d{4}\b)",
-            r"(?P<digits>\d+(?:[ ().-]*\d+)*)",
-            r"(?P<word>\b[A-Z][a-z]+(?:-[A-Z][a-z]+)?\b)",
-        ]
-    )
-)
-_COMMON = {
-    "I",
-    "A",
-    "An",
-    "The",
-    "What",
-    "Where",
-    "When",
-    "Who",
-    "Whom",
-    "Whose",
-    "Which",
-    "Why",
-    "How",
-    "Is",
-    "Are",
-    "Was",
-    "Were",
-    "Does",
-    "Do",
-    "Did",
-    "Has",
-    "Have",
-    "Had",
-    "Can",
-    "Could",
-    "Will",
-    "Would",
-    "Should",
-    "Tell",
-    "Please",
-    "My",
-    "His",
-    "Her",
-    "Their",
-    "Our",
-    "Your",
-    "He",
-    "She",
-    "They",
-    "We",
-    "You",
-    "It",
-    "This",
-    "That",
-    "In",
-    "On",
-    "At",
-    "Of",
-    "For",
-    "With",
-    "And",
-    "Or",
-    "But",
-    "If",
-    "Yes",
-    "No",
-    "Mr",
-    "Mrs",
-    "Ms",
-    "Dr",
-    "Street",
-    "Road",
-    "Avenue",
-    "Lane",
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-    "Sunday",
-    *MONTHS,
-}
 _WORDS = [*FIRST, *LAST, *(c.split()[0] for c in CITIES), *(e.split()[0] for e in EMPLOYERS)]
 
 
@@ -155,12 +69,9 @@ class _Replacer:
         return self._once(m.group(), make)
 
     def word(self, m: re.Match[str], text: str) -> str:
-        w = m.group()
-        start = m.start()
-        sentence_start = start == 0 or re.search(r"[.!?]\s*$", text[:start]) is not None
-        if w in _COMMON or (sentence_start and w.lower() in {c.lower() for c in _COMMON}):
-            return w
-        return self._once(w, lambda: self.rng.choice(_WORDS))
+        if not is_specific_word(m, text):
+            return m.group()
+        return self._once(m.group(), lambda: self.rng.choice(_WORDS))
 
     def text(self, text: str) -> str:
         def one(m: re.Match[str]) -> str:
@@ -173,7 +84,7 @@ class _Replacer:
                 return self.digits(m)
             return self.word(m, text)
 
-        return _SPECIFIC.sub(one, text)
+        return SPECIFIC.sub(one, text)
 
 
 def synthesize(items: list[dict[str, str]], seed: int = 0) -> list[dict[str, str]]:

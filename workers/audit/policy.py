@@ -43,11 +43,12 @@ class AuditPolicy(BaseModel):
     min_utility_ratio: float = Field(
         default=0.9, ge=0, le=1, description="utility harmonic mean after / before, at least"
     )
-    probe: bool | None = Field(
-        default=None,
-        description="run the general-knowledge probe (None: only for the built-in model, "
-        "the one the shipped questions were written for)",
+    probe: bool = Field(
+        default=True,
+        description="run the general-knowledge probe (102 questions); judged only when the "
+        "model answered at least `probe_min_accuracy` of them before",
     )
+    probe_min_accuracy: float = Field(default=0.2, ge=0, le=1)
     # Fluency
     max_gibberish_increase: float = Field(default=0.1, ge=0, le=1)
     max_repetition_increase: float = Field(default=0.1, ge=0, le=1)

@@ -30,7 +30,6 @@ from workers.ml import loading
 from workers.ml.data import Encoded, collate, encode_all, prompt_ids
 from workers.ml.evaluate import contains_any, general_knowledge, greedy_from_ids
 from workers.ml.losses import mean_nll
-from workers.ml.specs import BUILTIN_MODELS
 
 AUDIT_VERSION = "2"
 RETAIN_SAMPLE = 24  # retain items measured: the first N (cost grows with them)
@@ -173,8 +172,7 @@ def audit_adapter(inp: AuditInput) -> dict[str, Any]:
         "retain": _Set.build(a.tok, inp.retain[:RETAIN_SAMPLE], inp.max_length),
         "regression": _Set.build(a.tok, inp.regression, inp.max_length),
     }
-    run_probe = policy.probe if policy.probe is not None else inp.model_source in BUILTIN_MODELS
-    probe = general_knowledge() if run_probe else []
+    probe = general_knowledge() if policy.probe else []
     probe_rows = [prompt_ids(a.tok, p["question"]) for p in probe]
 
     m: dict[str, dict[str, Any]] = {}
@@ -196,7 +194,14 @@ def audit_adapter(inp: AuditInput) -> dict[str, Any]:
     quantized = _quantized(a, sets["forget"]) if policy.quantization else {}
     relearned = _relearn(a, sets["forget"], policy.relearn_steps) if policy.relearn_steps else None
 
-    metrics = _metrics(m, probe_hits, reg_base, reg_after, paraphrased, quantized, relearned)
+    # A model that could not answer the probe before (a toy, a model for another
+    # language) is not judged on it, and it does not enter the utility.
+    probe_judged = bool(probe_hits) and (
+        sum(probe_hits["before"]) / len(probe_hits["before"]) >= policy.probe_min_accuracy
+    )
+    metrics = _metrics(
+        m, probe_hits, probe_judged, reg_base, reg_after, paraphrased, quantized, relearned
+    )
     criteria = _judge(metrics, policy, has_holdout=bool(sets["holdout"].items))
     failed = [c for c in criteria if not c["passed"]]
     return {
@@ -300,6 +305,7 @@ def _relearn(a: _Auditor, s: _Set, steps: int) -> dict[str, float | None]:
 def _metrics(
     m: dict[str, dict[str, Any]],
     probe_hits: dict[str, list[bool]],
+    probe_judged: bool,
     reg_base: dict[str, Any],
     reg_after: dict[str, Any],
     paraphrased: list[float],
@@ -343,7 +349,7 @@ def _metrics(
             for v in (
                 _agg(m[when]["retain"], "prob"),
                 _agg(m[when]["retain"], "rouge_l_recall"),
-                out.get("probe_accuracy", {}).get(when),
+                out.get("probe_accuracy", {}).get(when) if probe_judged else None,
             )
             if v is not None
         ]
@@ -353,7 +359,8 @@ def _metrics(
         # The model's general fluency: answers to everything but the forgotten items
         # (those are reported on their own: babble there is a sign of over-unlearning).
         answers = m[when]["retain"]["answers"] + m[when]["holdout"]["answers"]
-        answers += list(m[when].get("probe_answers", []))
+        if probe_judged:  # a model that cannot answer the probe is not judged on it
+            answers += list(m[when].get("probe_answers", []))
         for key, value in _fluency(answers).items():
             if value is not None:
                 out.setdefault(key, {})[when] = value
@@ -497,8 +504,8 @@ def _judge(
                 f"(at most {allowed:.3f} allowed)",
             )
         )
-    if "probe_accuracy" in metrics:
-        p = metrics["probe_accuracy"]
+    p = metrics.get("probe_accuracy")
+    if p is not None and p["before"] >= policy.probe_min_accuracy:
         ratio_p = p["after"] / max(p["before"], 1e-12)
         add(
             _criterion(

@@ -81,6 +81,42 @@ def rare_token_weights(forget: list[Encoded], others: list[Encoded]) -> list[lis
     return out
 
 
+def value_token_weights(
+    tok: PreTrainedTokenizerBase,
+    items: list[dict[str, str]],
+    encoded: list[Encoded],
+    other: float = 0.1,
+) -> list[list[float]]:
+    """Per-position weights for the forget loss that put it on the person's specific
+    values (workers/ml/values.py: dates, numbers, names, places, e-mail addresses not
+    already in the question): value tokens weigh 1, the other answer tokens `other`,
+    scaled to mean 1 per item. The answer's template ("was born on") is shared with
+    everyone else's facts; pushing it down is what damages them. An item without values
+    (or a raw text item) keeps uniform weights."""
+    from workers.ml.values import value_spans
+
+    out = []
+    for item, enc in zip(items, encoded, strict=True):
+        targets = [k for k, t in enumerate(enc.labels) if t != IGNORE]
+        weights = [0.0 if t == IGNORE else 1.0 for t in enc.labels]
+        if "completion" in item and targets:
+            sep = "" if tok.chat_template else " "
+            answer = sep + item["completion"]
+            spans = value_spans(answer, exclude=item["prompt"])
+            offsets = tok(answer, add_special_tokens=False, return_offsets_mapping=True)[
+                "offset_mapping"
+            ]
+            first = targets[0]
+            hit = [any(a < e and b > s for s, e in spans) for a, b in offsets]
+            if any(hit):
+                for k in targets:
+                    j = k - first
+                    weights[k] = 1.0 if j < len(hit) and hit[j] else other
+        mean = sum(weights[k] for k in targets) / len(targets) if targets else 1.0
+        out.append([w / mean for w in weights])
+    return out
+
+
 def collate(
     encoded: list[Encoded],
     indices: list[int],

@@ -19,7 +19,7 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from workers.ml import adapters, loading, methods
-from workers.ml.data import encode_all, rare_token_weights
+from workers.ml.data import encode_all, rare_token_weights, value_token_weights
 from workers.ml.memwatch import PeakRSS
 from workers.ml.specs import JobSpec
 from workers.ml.training import CancelFn, Datasets, ProgressFn, train
@@ -89,9 +89,12 @@ def _run(
         forget=encode_all(tok, forget, m.max_length),
         retain=encode_all(tok, [i.plain() for i in spec.retain], m.max_length),
         holdout=encode_all(tok, [i.plain() for i in spec.holdout], m.max_length),
+        retain_eval=m.retain_eval_items,
     )
     if m.forget_weighting == "rare":
         data.forget_weights = rare_token_weights(data.forget, data.retain)
+    elif m.forget_weighting == "values":
+        data.forget_weights = value_token_weights(tok, forget, data.forget)
     if method.needs_refusals:
         refusals = method.refusals()  # type: ignore[attr-defined]
         data.refusal = encode_all(

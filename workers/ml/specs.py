@@ -69,13 +69,21 @@ class _MethodBase(BaseModel):
         description="recompute activations in the backward pass: less memory, more compute",
     )
     seed: int = Field(default=0, ge=0)
-    forget_weighting: Literal["uniform", "rare"] = Field(
+    forget_weighting: Literal["uniform", "rare", "values"] = Field(
         default="uniform",
         description="'rare': weight forget-loss tokens by 1/(how many forget and retain "
-        "answers contain them), so a person's own values count more than their name and "
-        "the answer templates shared with retain data",
+        "answers contain them); 'values': put the loss on the person's specific values "
+        "(dates, numbers, names, places, e-mail addresses) and 0.1 on the rest of the "
+        "answer, whose template is shared with everyone else's facts",
     )
     eval_every: int = Field(default=4, ge=1, description="steps between scope checks")
+    retain_eval_items: int = Field(
+        default=8,
+        ge=1,
+        le=1000,
+        description="retain items the scope check measures (the retain guard's sample; "
+        "more is steadier and costs ~0.13 s per item per check on 2 CPU cores)",
+    )
     checkpoint_every: int = Field(default=10, ge=1)
     stop_target: Literal["holdout", "ratio"] = Field(
         default="holdout",
