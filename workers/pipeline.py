@@ -320,6 +320,13 @@ def _execute(
     job_id: str, worker_id: str, beat: Heartbeat, store: ArtifactStore, settings: Settings
 ) -> str:
     inp = _retrying(lambda: _read_input(job_id, worker_id))
+    # Without holdout items from the requests, synthesize them (the person's values
+    # replaced): the engine stops at their level and the audit compares against them.
+    holdout_source = "request" if inp.holdout else "synthesized"
+    if not inp.holdout:
+        from workers.audit.holdout import synthesize
+
+        inp.holdout = synthesize(inp.forget)
     workdir = settings.work_root / job_id / inp.fingerprint()
     previous = _fetch_parent(inp, workdir, store)
 
@@ -342,6 +349,7 @@ def _execute(
                 forget_owner=inp.forget_owner,
                 retain=inp.retain,
                 holdout=inp.holdout,
+                holdout_source=holdout_source,
                 regression=inp.regression,
                 regression_owner=inp.regression_owner,
                 before_adapter=previous,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from tests.ml.targets import FORGET, RETAIN, TINY_AUDIT_POLICY
+from tests.ml.targets import FORGET, RETAIN
 from workers.audit.policy import AuditPolicy
 from workers.audit.run import AuditInput, audit_adapter
 from workers.ml import loading
@@ -87,18 +87,22 @@ def unlearned(tiny_target, tmp_path_factory) -> Path:
 
 def test_a_real_unlearning_run_passes_and_reports_everything(tiny_target, unlearned):
     inp = AuditInput(tiny_target, unlearned, FORGET, ["r1"] * len(FORGET), retain=RETAIN)
+    # Judging the membership test on these 8 items: only it fails, as it must on this
+    # toy (see TINY_AUDIT_POLICY): forgotten items still beat never-seen ones.
+    inp.policy = AuditPolicy(mia_min_items=2)
     strict = audit_adapter(inp)
-    # The default policy: only the membership test fails, as it must on this toy (see
-    # TINY_AUDIT_POLICY): forgotten items still beat never-seen ones.
     assert _groups(strict) == {"privacy"}, strict["verdict"]["failed"]
     assert strict["metrics"]["mia_loss_auc"]["after"] > 0.8
 
-    inp.policy = AuditPolicy.model_validate(TINY_AUDIT_POLICY)
+    # By default 8 items are too few to judge membership: reported, not judged.
+    inp.policy = AuditPolicy()
     report = audit_adapter(inp)
+    assert report["membership_test"].startswith("reported, not judged")
     assert report["verdict"]["passed"] is True, report["verdict"]["failed"]
     groups = {c["group"] for c in report["verdict"]["criteria"]}
-    assert groups == {"forgetting", "privacy", "utility", "fluency", "robustness"}
+    assert groups == {"forgetting", "utility", "fluency", "robustness"}
     m = report["metrics"]
+    assert "mia_loss_auc" in m  # still measured and shown
     assert m["forget_prob"]["after"] < m["forget_prob"]["before"]
     assert m["forget_rouge"]["after"] < m["forget_rouge"]["before"]
     assert {"quantized_8bit_rouge", "quantized_4bit_rouge", "paraphrase_rouge"} <= set(m)

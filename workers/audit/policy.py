@@ -29,6 +29,12 @@ class AuditPolicy(BaseModel):
         description="every membership-inference AUC within 0.5 +/- this (both directions: "
         "a very low AUC means the erasure itself is detectable)",
     )
+    mia_min_items: int = Field(
+        default=10,
+        ge=2,
+        description="judge the membership test only with at least this many forget and "
+        "holdout items each (with fewer the AUC is too coarse to decide anything)",
+    )
     # Utility
     max_retain_nll_increase: float = Field(
         default=0.25,

@@ -53,6 +53,7 @@ class AuditInput:
     regression_owner: list[str] = field(default_factory=list)
     before_adapter: Path | None = None  # the previous version; None: the base model
     policy: AuditPolicy = field(default_factory=AuditPolicy)
+    holdout_source: str | None = None  # how the caller obtained the holdout items
     model_cache: Path | None = None
     device: str | None = None
     dtype: str | None = None
@@ -202,13 +203,17 @@ def audit_adapter(inp: AuditInput) -> dict[str, Any]:
     metrics = _metrics(
         m, probe_hits, probe_judged, reg_base, reg_after, paraphrased, quantized, relearned
     )
-    criteria = _judge(metrics, policy, has_holdout=bool(sets["holdout"].items))
+    mia_judged = min(len(sets["forget"].items), len(sets["holdout"].items)) >= policy.mia_min_items
+    criteria = _judge(metrics, policy, has_holdout=bool(sets["holdout"].items), mia=mia_judged)
     failed = [c for c in criteria if not c["passed"]]
     return {
         "audit_version": AUDIT_VERSION,
         "policy": policy.model_dump(),
         "before": "previous version" if inp.before_adapter else "base model",
-        "holdout_source": "request" if inp.holdout else "synthesized",
+        "holdout_source": inp.holdout_source or ("request" if inp.holdout else "synthesized"),
+        "membership_test": "judged"
+        if mia_judged
+        else (f"reported, not judged: fewer than {policy.mia_min_items} forget or holdout items"),
         "metrics": metrics,
         "summary": {
             k: {"before": v.get("before"), "after": v.get("after")}
@@ -439,7 +444,7 @@ def _criterion(
 
 
 def _judge(
-    metrics: dict[str, Any], policy: AuditPolicy, *, has_holdout: bool
+    metrics: dict[str, Any], policy: AuditPolicy, *, has_holdout: bool, mia: bool = True
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     add = out.append
@@ -472,7 +477,7 @@ def _judge(
                 f"most {limit:.3f} is allowed",
             )
         )
-    for score in MIA_SCORES:
+    for score in MIA_SCORES if mia else ():
         value = metrics.get(f"{score}_auc", {}).get("after")
         if value is None:
             continue
