@@ -162,7 +162,8 @@ def render(audit: dict[str, Any], manifest: dict[str, Any]) -> str:
         f"{escape(audit.get('before', 'base model'))}; holdout items "
         f"{escape(audit.get('holdout_source', ''))}; covered requests: "
         f"{len(manifest['covered_requests'])}; method "
-        f"{escape(str(manifest['method'].get('name')))}.</p>"
+        f"{escape(str(manifest['method'].get('name')))}; membership test "
+        f"{escape(audit.get('membership_test', 'judged'))}.</p>"
     )
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
