@@ -222,7 +222,7 @@ def heartbeat(
     if ours:
         job.heartbeat_at = utcnow()
         if progress is not None:
-            job.progress = min(1.0, max(0.0, progress))
+            job.progress = round(min(1.0, max(0.0, progress)), 4)
     return Beat(JobStage(job.stage), ours)
 
 
@@ -248,7 +248,7 @@ def advance_own(
     """A worker moves its own job on; NotOwned if the job is no longer its own."""
     job = own(session, job_id=job_id, worker_id=worker_id)
     if progress is not None:
-        job.progress = progress
+        job.progress = round(min(1.0, max(0.0, progress)), 4)
     advance(session, job, stage, actor=worker_id, reason=reason)
     return job
 
