@@ -90,8 +90,6 @@ def _retrying(fn: Callable[[], T]) -> T:
 
 @dataclass
 class JobInput:
-    job_id: str
-    model_name: str
     model_source: str
     request_ids: list[str]
     forget: list[dict[str, str]]
@@ -134,6 +132,8 @@ def _read_input(job_id: str, worker_id: str) -> JobInput:
         regression: list[dict[str, str]] = []
         regression_owner: list[str] = []
         for req in _earlier_requests(s, job.model_id):
+            if len(regression) >= REGRESSION_MAX_ITEMS:
+                break  # enough: no need to decrypt the older ones
             items = _decrypt(req)[0][: REGRESSION_MAX_ITEMS - len(regression)]
             regression += items
             regression_owner += [req.id] * len(items)
@@ -147,8 +147,6 @@ def _read_input(job_id: str, worker_id: str) -> JobInput:
             parent = adapters.get_version(s, model, str(job.parent_version))
             parent_prefix = parent.storage_prefix
         return JobInput(
-            job_id=job.id,
-            model_name=model.name,
             model_source=model.source,
             request_ids=[r.id for r in reqs],
             forget=forget,
@@ -284,8 +282,6 @@ def run(job_id: str, *, worker_id: str, store: ArtifactStore | None = None) -> s
                 settings,
             )
         except Exception as exc:
-            if type(exc).__name__ == "Canceled":  # the engine stopped between two steps
-                return _taken_away(job_id, settings)
             if is_transient(exc):
                 # Retries are spent: let go; the reaper re-queues the job once the
                 # heartbeat is stale and the job resumes from its checkpoint.
@@ -415,8 +411,10 @@ def _train(
     accumulation (same effective batch), down to batch size 1."""
     import torch
 
+    from workers.ml.loading import ModelSourceError
     from workers.ml.run import run_job
     from workers.ml.specs import JobSpec
+    from workers.ml.training import Canceled
 
     done = rundir / "record.json"
     if done.is_file() and (rundir / "adapter" / "adapter_model.safetensors").is_file():
@@ -456,12 +454,12 @@ def _train(
             shutil.rmtree(rundir, ignore_errors=True)  # the checkpoint's batches differ
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        except Canceled as exc:  # the engine saw the job taken away, between two steps
+            raise jobs.NotOwned(str(exc)) from exc
         except ValidationError as exc:
             raise PermanentError(f"the job's data or method is invalid: {exc}") from exc
-        except Exception as exc:
-            if type(exc).__name__ == "ModelSourceError":
-                raise PermanentError(str(exc)) from exc
-            raise
+        except ModelSourceError as exc:
+            raise PermanentError(str(exc)) from exc
 
 
 # ---- endings -------------------------------------------------------------------------
@@ -501,9 +499,7 @@ def _attempt_failed(job_id: str, worker_id: str, reason: str, *, counts: bool = 
     def step() -> str:
         with session_scope() as s:
             job = jobs.own(s, job_id=job_id, worker_id=worker_id)
-            if not counts:
-                job.attempts = max(0, job.attempts - 1)
-            if job.attempts >= job.max_attempts:
+            if counts and job.attempts >= job.max_attempts:
                 jobs.advance(
                     s,
                     job,
@@ -512,7 +508,13 @@ def _attempt_failed(job_id: str, worker_id: str, reason: str, *, counts: bool = 
                     reason=f"gave up after {job.attempts} attempts; last error: {reason}",
                 )
                 return "failed"
-            jobs.requeue(s, job, actor=worker_id, reason=f"attempt {job.attempts}: {reason}")
+            jobs.requeue(
+                s,
+                job,
+                actor=worker_id,
+                reason=f"attempt {job.attempts}: {reason}",
+                count_attempt=counts,
+            )
             return "requeued"
 
     try:

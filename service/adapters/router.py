@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
+from sqlalchemy.orm import Session
 
 from service.access.scopes import Scope
 from service.access.service import Principal
@@ -24,6 +25,11 @@ from service.trail import service as trail
 router = APIRouter(prefix="/v1/models/{name}/adapters", tags=["adapters"])
 Auditor = Annotated[Principal, Depends(require(Scope.AUDIT_READ))]
 Reader = Annotated[Principal, Depends(require_any(Scope.ADAPTERS_DOWNLOAD, Scope.AUDIT_READ))]
+
+
+def _find(session: Session, name: str, version: str) -> tuple[RegisteredModel, AdapterVersion]:
+    model = models.get_by_name(session, name)
+    return model, service.get_version(session, model, version)
 
 
 def to_out(row: AdapterVersion, model: RegisteredModel) -> AdapterOut:
@@ -52,8 +58,8 @@ def list_adapters(name: str, session: SessionDep, _: Reader) -> AdapterList:
     summary="One version's manifest ('latest': the newest that passed its audit)",
 )
 def get_adapter(name: str, version: str, session: SessionDep, _: Reader) -> AdapterOut:
-    model = models.get_by_name(session, name)
-    return to_out(service.get_version(session, model, version), model)
+    model, row = _find(session, name, version)
+    return to_out(row, model)
 
 
 @router.get(
@@ -73,8 +79,7 @@ def download_adapter(
     session: SessionDep,
     principal: Annotated[Principal, Depends(require(Scope.ADAPTERS_DOWNLOAD))],
 ) -> Response:
-    model = models.get_by_name(session, name)
-    row = service.get_version(session, model, version)
+    model, row = _find(session, name, version)
     if row.status != PUBLISHED:
         failed = [c["message"] for c in row.verdict.get("failed", [])]
         raise Problem(
@@ -118,8 +123,7 @@ def download_adapter(
     summary="The full audit: every metric before and after, thresholds, verdict, probes",
 )
 def get_audit(name: str, version: str, session: SessionDep, _: Auditor) -> dict[str, object]:
-    model = models.get_by_name(session, name)
-    row = service.get_version(session, model, version)
+    model, row = _find(session, name, version)
     return {
         "model": model.name,
         "version": row.version,
@@ -138,8 +142,7 @@ def get_audit(name: str, version: str, session: SessionDep, _: Auditor) -> dict[
     summary="The audit as a self-contained report page for people",
 )
 def get_audit_html(name: str, version: str, session: SessionDep, _: Auditor) -> HTMLResponse:
-    model = models.get_by_name(session, name)
-    row = service.get_version(session, model, version)
+    model, row = _find(session, name, version)
     return HTMLResponse(
         report.render(row.audit, service.manifest_of(row, model)),
         headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"},

@@ -105,10 +105,11 @@ def publish(
     existing = for_job(session, job.id)
     if existing is not None:
         return existing
-    if latest_passing(session, model.id) != job.parent_version:
+    newest = latest_passing(session, model.id)
+    if newest != job.parent_version:
         raise StaleParent(
             f"job {job.id} trained from version {job.parent_version} but the model's "
-            f"latest passing version is now {latest_passing(session, model.id)}"
+            f"latest passing version is now {newest}"
         )
     last = session.scalar(
         select(func.max(AdapterVersion.version)).where(AdapterVersion.model_id == model.id)

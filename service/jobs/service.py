@@ -263,12 +263,22 @@ def request_withdrawn(session: Session, job: Job, *, actor: str) -> None:
     if not live_requests(session, job.id):
         advance(session, job, J.CANCELED, actor=actor)
     elif stage in JOB_ACTIVE:
-        # Not the job's fault: the restart does not count as an attempt.
-        job.attempts = max(0, job.attempts - 1)
-        requeue(session, job, actor=actor, reason="restarted without a withdrawn request")
+        requeue(
+            session,
+            job,
+            actor=actor,
+            reason="restarted without a withdrawn request",
+            count_attempt=False,
+        )
 
 
-def requeue(session: Session, job: Job, *, actor: str, reason: str) -> None:
+def requeue(
+    session: Session, job: Job, *, actor: str, reason: str, count_attempt: bool = True
+) -> None:
+    """Back to the queue for the dispatcher to send again. `count_attempt=False` when the
+    restart is not the job's fault (a withdrawn request, a newer parent version)."""
+    if not count_attempt:
+        job.attempts = max(0, job.attempts - 1)  # the next claim counts it again
     job.worker_id = None
     job.enqueued_at = None  # the dispatcher sends it again
     job.error = reason[:2000]

@@ -68,8 +68,7 @@ class _Set:
     items: list[dict[str, str]]
     encoded: list[Encoded]
     prompts: list[list[int]]
-    references: list[str]
-    texts: list[str]  # the target text (zlib score)
+    references: list[str]  # the target texts (ROUGE-L, and the zlib score)
 
     @classmethod
     def build(cls, tok: Any, items: list[dict[str, str]], max_length: int) -> _Set:
@@ -83,7 +82,7 @@ class _Set:
             else:
                 prompts.append(prompt_ids(tok, item["prompt"]))
                 refs.append(item["completion"])
-        return cls(items, encoded, prompts, refs, refs)
+        return cls(items, encoded, prompts, refs)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -138,7 +137,9 @@ class _Auditor:
             return {"per_item": [], "answers": []}
         per = [
             example_metrics(st, text)
-            for st, text in zip(token_stats(self.model, s.encoded, self.pad), s.texts, strict=True)
+            for st, text in zip(
+                token_stats(self.model, s.encoded, self.pad), s.references, strict=True
+            )
         ]
         answers: list[str] = []
         if generate:
@@ -296,9 +297,7 @@ def _relearn(a: _Auditor, s: _Set, steps: int) -> dict[str, float | None]:
             loss.backward()
             opt.step()
         a.model.eval()
-        rest = _Set(
-            s.items[half:], s.encoded[half:], s.prompts[half:], s.references[half:], s.texts[half:]
-        )
+        rest = _Set(s.items[half:], s.encoded[half:], s.prompts[half:], s.references[half:])
         got = a.measure(rest)
     with torch.no_grad():
         for n, p in params.items():
