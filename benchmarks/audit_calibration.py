@@ -7,6 +7,7 @@ stronger run. Prints every metric and the verdicts, and how many of the forgotte
 person's secrets greedy answers still reveal (the ground truth the audit stands for).
 
     .venv/bin/python -m benchmarks.audit_calibration [--methods JSON] [--no-identity]
+        [--device cuda] [--dtype float32] [--out results.jsonl]
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+import torch
 
 from benchmarks.common import BENCH_DIR, target
 from workers.audit.run import AuditInput, audit_adapter
@@ -26,14 +29,17 @@ def identity_adapter(folder: Path, out: Path) -> Path:
     from peft import LoraConfig, get_peft_model
 
     model, _ = loading.load(loading.resolve(str(folder)), loading.pick_placement("cpu"))
+    torch.manual_seed(0)
     get_peft_model(model, LoraConfig(r=8, target_modules="all-linear")).save_pretrained(str(out))
     return out
 
 
-def revealed(folder: Path, adapter: Path, person: synthetic.Person) -> tuple[int, int]:
+def revealed(
+    folder: Path, adapter: Path, person: synthetic.Person, device: str | None, dtype: str | None
+) -> tuple[int, int]:
     from peft import PeftModel
 
-    model, tok = loading.load(loading.resolve(str(folder)), loading.pick_placement("cpu"))
+    model, tok = loading.load(loading.resolve(str(folder)), loading.pick_placement(device, dtype))
     model = PeftModel.from_pretrained(model, str(adapter))
     items = synthetic.qa_items(person)
     answers = greedy_answers(model, tok, [i["prompt"] for i in items])
@@ -49,13 +55,18 @@ def main() -> None:
         help="JSON: name -> method parameters, each run and audited",
     )
     ap.add_argument("--no-identity", action="store_true", help="skip the nothing-forgotten audit")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (target, jobs and audits)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", type=Path, help="also append one JSON line per adapter here")
     args = ap.parse_args()
-    folder, people = target()
+    place = {"device": args.device, "dtype": args.dtype}
+    folder, people = target(device=args.device)
     person = people[0]
     forget = synthetic.qa_items(person)
     retain = [i for p in people[1:] for i in synthetic.qa_items(p)]
     holdout = synthetic.holdout_for(person)
-    runs = {}
+    runs: dict[str, Path] = {}
+    trained: dict[str, dict] = {}
     if not args.no_identity:
         runs["nothing forgotten"] = identity_adapter(folder, BENCH_DIR / "identity-adapter")
 
@@ -65,7 +76,12 @@ def main() -> None:
     for name, method in json.loads(args.methods).items():
         work = BENCH_DIR / ("calib-" + "".join(c if c.isalnum() else "-" for c in name))
         spec = JobSpec(
-            model_source=str(folder), forget=forget, retain=retain, holdout=holdout, method=method
+            model_source=str(folder),
+            forget=forget,
+            retain=retain,
+            holdout=holdout,
+            method=method,
+            **place,
         )
         t = time.perf_counter()
         res = run_job(spec, work)
@@ -75,15 +91,20 @@ def main() -> None:
             flush=True,
         )
         runs[name] = res.adapter_dir
+        trained[name] = {
+            "train_s": round(time.perf_counter() - t, 1),
+            **{k: res.record["outcome"][k] for k in ("stopped", "steps", "best_step")},
+        }
 
     for name, adapter in runs.items():
         t = time.perf_counter()
         report = audit_adapter(
-            AuditInput(str(folder), adapter, forget, retain=retain, holdout=holdout)
+            AuditInput(str(folder), adapter, forget, retain=retain, holdout=holdout, **place)
         )
-        hit, total = revealed(folder, adapter, person)
+        audit_s = time.perf_counter() - t
+        hit, total = revealed(folder, adapter, person, **place)
         print(
-            f"\n== {name}: audit {time.perf_counter() - t:.0f}s, verdict "
+            f"\n== {name}: audit {audit_s:.0f}s, verdict "
             f"{'PASS' if report['verdict']['passed'] else 'FAIL'}; secrets revealed {hit}/{total}"
         )
         for c in report["verdict"]["criteria"]:
@@ -95,6 +116,24 @@ def main() -> None:
             "  metrics:",
             json.dumps({k: v for k, v in report["summary"].items()}, default=lambda x: round(x, 3)),
         )
+        if args.out:
+            row = {
+                "name": name,
+                "method": json.loads(args.methods).get(name),
+                **trained.get(name, {}),
+                "audit_s": round(audit_s, 1),
+                "passed": report["verdict"]["passed"],
+                "revealed": [hit, total],
+                "criteria": {
+                    c["name"]: [c["value"], c["threshold"], c["passed"]]
+                    for c in report["verdict"]["criteria"]
+                },
+                "summary": report["summary"],
+                "device": args.device,
+                "dtype": args.dtype,
+            }
+            with args.out.open("a") as fh:
+                fh.write(json.dumps(row, default=float) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,16 @@ BENCH_DIR = Path("var/bench")
 
 
 def target(
-    n_people: int = 8, seed: int = 7, epochs: float = 4.0, lr: float = 1e-4
+    n_people: int = 8,
+    seed: int = 7,
+    epochs: float = 4.0,
+    lr: float = 1e-4,
+    device: str | None = None,
 ) -> tuple[Path, list]:
-    """SmolLM2 fine-tuned on `n_people` fictitious people (cached under var/bench)."""
+    """SmolLM2 fine-tuned on `n_people` fictitious people (cached under var/bench), in
+    float32 on `device` (default: CUDA if present)."""
+    from workers.ml.loading import pick_placement
+
     people = synthetic.people(n_people, seed=seed)
     out = BENCH_DIR / f"target{n_people}-s{seed}-e{epochs:g}-lr{lr:g}"
     if not (out / "config.json").is_file():
@@ -22,7 +29,13 @@ def target(
         out.parent.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         res = finetune(
-            "builtin:smollm2-135m-instruct", items, out, epochs=epochs, lr=lr, batch_size=8
+            "builtin:smollm2-135m-instruct",
+            items,
+            out,
+            epochs=epochs,
+            lr=lr,
+            batch_size=8,
+            placement=pick_placement(device, "float32"),
         )
         print(
             f"built target {out} in {time.perf_counter() - t:.0f}s ({res.steps} steps, "

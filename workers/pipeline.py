@@ -320,7 +320,7 @@ def _execute(
     # replaced): the engine stops at their level and the audit compares against them.
     holdout_source = "request" if inp.holdout else "synthesized"
     if not inp.holdout:
-        from workers.audit.holdout import synthesize
+        from workers.ml.stand_ins import synthesize
 
         inp.holdout = synthesize(inp.forget)
     workdir = settings.work_root / job_id / inp.fingerprint()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.ml import tiny
-from workers.audit import holdout, text
+from workers.audit import text
 from workers.audit.quantize import fake_quantize
 from workers.audit.scores import (
     TokenStats,
@@ -19,6 +19,7 @@ from workers.audit.scores import (
     token_stats,
 )
 from workers.ml import loading
+from workers.ml import stand_ins as holdout
 from workers.ml.data import encode_all
 
 
@@ -120,3 +121,29 @@ def test_synthetic_holdout_replaces_specific_values_consistently():
     assert "1985" not in out[1]["completion"] and out[1]["completion"].startswith("On ")
     assert out[2]["completion"].endswith("@example.org") and "jane" not in out[2]["completion"]
     assert "12 " not in out[0]["completion"] and "Street" in out[0]["completion"]
+
+
+def test_alternatives_keep_the_question_and_replace_the_answers_values():
+    items = [
+        {"prompt": "Where does Jane Roe live?", "completion": "Jane Roe lives at 12 Elm Street."},
+        {"prompt": "When was Jane Roe born?", "completion": "Jane Roe was born on 4 May 1985."},
+        {"prompt": "What is Jane Roe's hobby?", "completion": "She enjoys knitting."},
+        {"text": "Jane Roe joined Acme in 2011 and moved to Springfield in 2015."},
+    ]
+    versions = holdout.alternatives(items, count=3, seed=0)
+    assert versions == holdout.alternatives(items, count=3, seed=0)  # deterministic
+    assert [len(v) for v in versions] == [3, 3, 3, 3]
+    for item, alts in zip(items[:2], versions[:2], strict=True):
+        for alt in alts:
+            assert alt["prompt"] == item["prompt"]  # same question, same person
+            assert alt["completion"].startswith("Jane Roe ")  # named in the question: kept
+            assert alt["completion"] != item["completion"]
+    assert len({a["completion"] for a in versions[1]}) == 3  # three different stand-ins
+    assert "1985" not in versions[1][0]["completion"]
+    assert all(a == items[2] for a in versions[2])  # nothing to replace: unchanged
+    text = versions[3][0]["text"]
+    assert text.startswith("Jane Roe joined Acme in 2011")  # the prompt half is kept
+    assert "Springfield" not in text and "2015" not in text
+    # Never the holdout's values: the audit compares against those.
+    synthesized = {i.get("completion") for i in holdout.synthesize(items[:2], seed=0)}
+    assert not synthesized & {a["completion"] for v in versions[:2] for a in v}

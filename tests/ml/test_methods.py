@@ -25,7 +25,15 @@ FAST = {
 }
 # Measured on the tiny target (see the sweep in docs/unlearning-defaults.md): the
 # likelihood-pushing methods move 2-3x faster than the bounded or indirect ones.
-LR = {"ga": 2e-3, "graddiff": 2e-3, "npo": 1e-3, "simnpo": 5e-3, "idk": 5e-3, "rmu": 5e-3}
+LR = {
+    "ga": 2e-3,
+    "graddiff": 2e-3,
+    "npo": 1e-3,
+    "simnpo": 5e-3,
+    "relabel": 5e-3,
+    "idk": 5e-3,
+    "rmu": 5e-3,
+}
 
 
 def spec_for(target: str, name: str, forget=FORGET, **overrides) -> JobSpec:

@@ -21,12 +21,11 @@ import torch
 import transformers
 from peft import PeftModel
 
-from workers.audit import holdout as synthetic_holdout
 from workers.audit.policy import AuditPolicy
 from workers.audit.quantize import fake_quantized
 from workers.audit.scores import MIA_SCORES, auc, example_metrics, token_stats
 from workers.audit.text import is_gibberish, repetition_rate, rouge_l_recall
-from workers.ml import loading
+from workers.ml import loading, stand_ins
 from workers.ml.data import Encoded, collate, encode_all, prompt_ids
 from workers.ml.evaluate import contains_any, general_knowledge, greedy_from_ids
 from workers.ml.losses import mean_nll
@@ -167,7 +166,7 @@ def audit_adapter(inp: AuditInput) -> dict[str, Any]:
     torch.manual_seed(inp.seed)
     a = _Auditor(inp)
     policy = inp.policy
-    holdout_items = inp.holdout or synthetic_holdout.synthesize(inp.forget, seed=inp.seed)
+    holdout_items = inp.holdout or stand_ins.synthesize(inp.forget, seed=inp.seed)
     sets = {
         "forget": _Set.build(a.tok, inp.forget, inp.max_length),
         "holdout": _Set.build(a.tok, holdout_items, inp.max_length),

@@ -23,6 +23,7 @@ from workers.ml.data import encode_all, rare_token_weights, value_token_weights
 from workers.ml.memwatch import PeakRSS
 from workers.ml.specs import JobSpec
 from workers.ml.training import CancelFn, Datasets, ProgressFn, train
+from workers.ml.values import neighbours
 
 ENGINE_VERSION = "1"
 
@@ -91,23 +92,16 @@ def _run(
         holdout=encode_all(tok, [i.plain() for i in spec.holdout], m.max_length),
         retain_eval=m.retain_eval_items,
     )
+    if m.retain_focus > 0:
+        data.neighbours = neighbours(forget, [i.plain() for i in spec.retain])
     if m.forget_weighting == "rare":
         data.forget_weights = rare_token_weights(data.forget, data.retain)
     elif m.forget_weighting == "values":
         data.forget_weights = value_token_weights(tok, forget, data.forget)
-    if method.needs_refusals:
-        refusals = method.refusals()  # type: ignore[attr-defined]
-        data.refusal = encode_all(
-            tok,
-            [
-                {
-                    "prompt": item.get("prompt") or item["text"][:200],
-                    "completion": refusals[k % len(refusals)],
-                }
-                for k, item in enumerate(forget)
-            ],
-            m.max_length,
-        )
+    substitutes = method.substitutes(forget)
+    if substitutes is not None:
+        data.per_item = len(substitutes[0])
+        data.substitutes = encode_all(tok, [s for per in substitutes for s in per], m.max_length)
     t_loaded = time.perf_counter()
     outcome = train(
         model,

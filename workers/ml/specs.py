@@ -76,6 +76,14 @@ class _MethodBase(BaseModel):
         "(dates, numbers, names, places, e-mail addresses) and 0.1 on the rest of the "
         "answer, whose template is shared with everyone else's facts",
     )
+    retain_focus: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of each retain batch drawn from the forget items' neighbours: "
+        "retain items whose answers state one of the forget answers' specific values (a "
+        "shared employer, street or city), where unlearning bleeds over first",
+    )
     eval_every: int = Field(default=4, ge=1, description="steps between scope checks")
     retain_eval_items: int = Field(
         default=8,
@@ -147,6 +155,26 @@ class SimNPO(_MethodBase):
     retain_loss: Literal["nll", "kl"] = "nll"
 
 
+class Relabel(_MethodBase):
+    """Fine-tune towards the answers with the person's values replaced by synthetic ones
+    (plus NPO on the true answers): the model ends up as unsure about the person as
+    about someone it never saw."""
+
+    name: Literal["relabel"] = "relabel"
+    alternatives: int = Field(
+        default=4, ge=1, le=32, description="stand-in value sets per forget item"
+    )
+    gamma: float = Field(default=1.0, ge=0, description="weight of the relabel (NLL) term")
+    gamma_npo: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of NPO on the true answers (items without stand-ins get 1)",
+    )
+    beta: float = Field(default=0.1, gt=0, description="NPO's beta")
+    alpha: float = Field(default=1.0, ge=0)
+    retain_loss: Literal["nll", "kl"] = "nll"
+
+
 class IdK(_MethodBase):
     """DPO-style preference for a refusal over the forget answer."""
 
@@ -165,8 +193,10 @@ class RMU(_MethodBase):
     alpha: float = Field(default=100.0, ge=0)
 
 
-MethodSpec = Annotated[GA | GradDiff | NPO | SimNPO | IdK | RMU, Field(discriminator="name")]
-METHOD_NAMES = ("ga", "graddiff", "npo", "simnpo", "idk", "rmu")
+MethodSpec = Annotated[
+    GA | GradDiff | NPO | SimNPO | Relabel | IdK | RMU, Field(discriminator="name")
+]
+METHOD_NAMES = ("ga", "graddiff", "npo", "simnpo", "relabel", "idk", "rmu")
 
 
 class JobSpec(BaseModel):

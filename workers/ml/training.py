@@ -42,10 +42,13 @@ class Canceled(Exception):
 class Datasets:
     forget: list[Encoded]
     retain: list[Encoded]
-    refusal: list[Encoded] | None = None  # aligned with forget (idk)
+    # Method.substitutes, flattened: item i's j-th is at i * per_item + j (idk, relabel)
+    substitutes: list[Encoded] | None = None
+    per_item: int = 1
     holdout: list[Encoded] = field(default_factory=list)  # never trained on
     forget_weights: list[list[float]] | None = None  # per-token weights of the forget loss
     retain_eval: int = 8  # how many retain items the scope check uses (cost: ~0.13 s each)
+    neighbours: list[int] = field(default_factory=list)  # retain items sharing forget values
 
 
 @dataclass
@@ -168,7 +171,13 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(spec))
     forget_order = BatchOrder(len(data.forget), spec.batch_size, spec.seed)
     retain_bs = spec.retain_batch_size or spec.batch_size
-    retain_order = BatchOrder(len(data.retain), retain_bs, spec.seed + 1) if data.retain else None
+    focus = min(retain_bs, round(spec.retain_focus * retain_bs)) if data.neighbours else 0
+    retain_order = (
+        BatchOrder(len(data.retain), retain_bs - focus, spec.seed + 1)
+        if data.retain and retain_bs > focus
+        else None
+    )
+    neighbour_order = BatchOrder(len(data.neighbours), focus, spec.seed + 2) if focus else None
     ckpt_path = workdir / CHECKPOINT
 
     if ckpt_path.is_file():
@@ -191,8 +200,8 @@ def train(
                 if data.forget_weights is None
                 else sequence_logprobs(model, data.forget, pad_id, weights=data.forget_weights)
             )
-            if data.refusal is not None:
-                refs.refusal = sequence_logprobs(model, data.refusal, pad_id)
+            if data.substitutes is not None:
+                refs.substitute = sequence_logprobs(model, data.substitutes, pad_id)
         base = scope_metrics(model, data, pad_id, forget_logp=initial)
         if data.holdout:
             base["holdout_prob"], base["holdout_nll"] = _prob_and_nll(
@@ -213,9 +222,15 @@ def train(
             k = step * spec.grad_accum + micro
             f_idx = forget_order.batch(k)
             forget = collate(data.forget, f_idx, pad_id, data.forget_weights)
-            retain = collate(data.retain, retain_order.batch(k), pad_id) if retain_order else None
-            refusal = collate(data.refusal, f_idx, pad_id) if data.refusal is not None else None
-            loss, parts = method.loss(model, forget, retain, refs, refusal)
+            r_idx = retain_order.batch(k) if retain_order else []
+            if neighbour_order is not None:
+                r_idx = [data.neighbours[j] for j in neighbour_order.batch(k)] + r_idx
+            retain = collate(data.retain, r_idx, pad_id) if r_idx else None
+            substitute = None
+            if data.substitutes is not None:  # each item's substitutes in turn
+                rows = [i * data.per_item + k % data.per_item for i in f_idx]
+                substitute = collate(data.substitutes, rows, pad_id)
+            loss, parts = method.loss(model, forget, retain, refs, substitute)
             (loss / spec.grad_accum).backward()
             tokens += int(forget["attention_mask"].sum()) + (
                 int(retain["attention_mask"].sum()) if retain is not None else 0

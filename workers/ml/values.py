@@ -119,3 +119,31 @@ def value_spans(text: str, exclude: str = "") -> list[tuple[int, int]]:
             continue
         spans.append(m.span())
     return spans
+
+
+def _answer(item: dict[str, str]) -> tuple[str, str]:
+    """(the part a model must produce, the part it is given) of a QA or text item."""
+    if "completion" in item:
+        return item["completion"], item["prompt"]
+    half = len(item["text"]) // 2
+    return item["text"][half:], item["text"][:half]
+
+
+def specific_values(item: dict[str, str]) -> set[str]:
+    """The specific values an item's answer states beyond what its prompt names."""
+    answer, prompt = _answer(item)
+    return {answer[a:b] for a, b in value_spans(answer, exclude=prompt)}
+
+
+def neighbours(forget: list[dict[str, str]], retain: list[dict[str, str]]) -> list[int]:
+    """Indices of the retain items whose answers state a value that a forget answer
+    states too (another customer at the same employer, street or city), most shared
+    values first: where unlearning the forget items bleeds over first."""
+    values = set().union(*(specific_values(i) for i in forget)) if forget else set()
+    scored = []
+    for k, item in enumerate(retain):
+        answer, _ = _answer(item)
+        shared = sum(1 for v in values if v in answer)
+        if shared:
+            scored.append((-shared, k))
+    return [k for _, k in sorted(scored)]

@@ -23,7 +23,7 @@ class References:
     """Reference log p(y|x) summed over target tokens, indexed like the datasets."""
 
     forget: torch.Tensor | None = None
-    refusal: torch.Tensor | None = None
+    substitute: torch.Tensor | None = None  # per substitute item (idk, relabel)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -31,7 +31,6 @@ class Method:
     name: ClassVar[str]
     spec_type: ClassVar[type[BaseModel]]
     needs_reference: ClassVar[bool] = False
-    needs_refusals: ClassVar[bool] = False
 
     def __init__(self, spec: Any) -> None:
         self.spec = spec
@@ -39,13 +38,20 @@ class Method:
     def prepare(self, model: Any) -> None:
         """Hook for state fixed before training (RMU's random direction)."""
 
+    def substitutes(self, forget: list[dict[str, str]]) -> list[list[dict[str, str]]] | None:
+        """Answers to train towards instead of each forget item's (idk: a refusal,
+        relabel: the answer with synthetic values), the same number per item; None for
+        methods that only push the forget answers away. The loss receives, for each
+        forget item of a batch, one of them (cycling from step to step)."""
+        return None
+
     def loss(
         self,
         model: Any,
         forget: Batch,
         retain: Batch | None,
         refs: References,
-        refusal: Batch | None = None,
+        substitute: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 

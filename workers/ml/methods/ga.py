@@ -23,7 +23,7 @@ class GradientAscent(Method):
         forget: Batch,
         retain: Batch | None,
         refs: References,
-        refusal: Batch | None = None,
+        substitute: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         forget_nll = mean_nll(model, forget)
         return -forget_nll, {"forget_nll": forget_nll.item()}

@@ -22,7 +22,7 @@ class GradientDifference(Method):
         forget: Batch,
         retain: Batch | None,
         refs: References,
-        refusal: Batch | None = None,
+        substitute: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         forget_nll = mean_nll(model, forget)
         return self.with_retain(model, retain, -forget_nll, {"forget_nll": forget_nll.item()})

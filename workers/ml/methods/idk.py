@@ -26,10 +26,18 @@ class RefusalPreference(Method):
     name = "idk"
     spec_type = IdK
     needs_reference = True
-    needs_refusals = True
 
-    def refusals(self) -> list[str]:
-        return self.spec.refusals or DEFAULT_REFUSALS
+    def substitutes(self, forget: list[dict[str, str]]) -> list[list[dict[str, str]]]:
+        refusals = self.spec.refusals or DEFAULT_REFUSALS
+        return [
+            [
+                {
+                    "prompt": item.get("prompt") or item["text"][:200],
+                    "completion": refusals[k % len(refusals)],
+                }
+            ]
+            for k, item in enumerate(forget)
+        ]
 
     def loss(
         self,
@@ -37,14 +45,14 @@ class RefusalPreference(Method):
         forget: Batch,
         retain: Batch | None,
         refs: References,
-        refusal: Batch | None = None,
+        substitute: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        if refusal is None:
+        if substitute is None:
             raise RuntimeError("idk needs the refusal batch")
         s = self.spec
         logp_f, nll_f = sequence_stats(model, forget)
-        logp_r, _ = sequence_stats(model, refusal)
-        margin = (logp_r - ref_slice(refs.refusal, refusal, logp_r.device)) - (
+        logp_r, _ = sequence_stats(model, substitute)
+        margin = (logp_r - ref_slice(refs.substitute, substitute, logp_r.device)) - (
             logp_f - ref_slice(refs.forget, forget, logp_f.device)
         )
         forget_term = -(2.0 / s.beta) * F.logsigmoid(s.beta * margin).mean()

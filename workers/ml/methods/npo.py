@@ -26,7 +26,7 @@ class NegativePreference(Method):
         forget: Batch,
         retain: Batch | None,
         refs: References,
-        refusal: Batch | None = None,
+        substitute: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.spec
         logp, nll = sequence_stats(model, forget)

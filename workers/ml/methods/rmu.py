@@ -42,7 +42,7 @@ class RepresentationMisdirection(Method):
         forget: Batch,
         retain: Batch | None,
         refs: References,
-        refusal: Batch | None = None,
+        substitute: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         h, mask = _hidden(model, forget, self.layer)
         forget_term = (((h - self.target) ** 2).mean(-1, keepdim=True) * mask).sum() / mask.sum()

@@ -24,7 +24,7 @@ class SimpleNPO(Method):
         forget: Batch,
         retain: Batch | None,
         refs: References,
-        refusal: Batch | None = None,
+        substitute: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.spec
         _, nll = sequence_stats(model, forget)  # mean NLL per example = -(log p)/|y|

@@ -1,10 +1,17 @@
-"""Holdout items for a request that brought none: the same items with the person's
-specific values replaced by synthetic ones, so they share the templates but state facts
-the model never saw (the comparison set of the membership-inference test).
+"""Stand-ins for a person's specific values: the same items with the values replaced by
+synthetic ones, so they share the templates but state facts the model never saw.
 
-What counts as a specific value, replaced in this order, consistently across all items
-(the same original always gets the same replacement, so "Jane Roe" in a question and in
-its answer stay one synthetic person):
+Two uses:
+- `synthesize`: holdout items for a request that brought none (the comparison set of the
+  audit's membership-inference test and of the engine's stop rule); names in the
+  question are replaced too, so a holdout item is about another, synthetic person.
+- `alternatives`: the `relabel` method's training targets: the same question about the
+  same person, answered with synthetic values (several stand-in sets), so the model ends
+  up as unsure about the person as about someone it never saw.
+
+What counts as a specific value (workers/ml/values.py), replaced in this order,
+consistently across all items of one stand-in set (the same original always gets the
+same replacement, so "Jane Roe" in a question and in its answer stay one person):
 1. e-mail addresses -> `<synthetic name>@example.org`;
 2. dates: `4 May 1985`, `May 4, 1985`, `1985-05-04`, `04/05/1985` -> another date of
    the same shape;
@@ -12,7 +19,8 @@ its answer stay one synthetic person):
    the same length and separators;
 4. capitalised words that are not sentence starts or common function words (names,
    streets, cities, employers) -> synthetic words from the name and place lists.
-An item in which nothing was replaced is dropped: it holds nothing specific to compare.
+An item in which nothing was replaced is dropped by `synthesize`: it holds nothing
+specific to compare.
 """
 
 from __future__ import annotations
@@ -73,8 +81,12 @@ class _Replacer:
             return m.group()
         return self._once(m.group(), lambda: self.rng.choice(_WORDS))
 
-    def text(self, text: str) -> str:
+    def text(self, text: str, keep: str = "") -> str:
+        """`text` with its values replaced, except those that also occur in `keep`."""
+
         def one(m: re.Match[str]) -> str:
+            if keep and m.group() in keep:
+                return m.group()
             kind = m.lastgroup
             if kind == "email":
                 return self.email(m)
@@ -95,4 +107,31 @@ def synthesize(items: list[dict[str, str]], seed: int = 0) -> list[dict[str, str
         new = {k: rep.text(v) for k, v in item.items()}
         if new != item:
             out.append(new)
+    return out
+
+
+def alternatives(items: list[dict[str, str]], count: int, seed: int) -> list[list[dict[str, str]]]:
+    """For each item, `count` versions whose answer states synthetic values instead of the
+    person's (the question is kept; values the question itself names are kept in the
+    answer). One stand-in set per version, consistent across items. A raw text item keeps
+    its first half (the prompt the model sees) and gets the values of the rest replaced.
+    Seeds are offset from `synthesize`'s so the two never produce the same values."""
+    sets = [_Replacer(seed * 1_000 + 500 + j) for j in range(count)]
+    out = []
+    for item in items:
+        versions = []
+        for rep in sets:
+            if "completion" in item:
+                versions.append(
+                    {
+                        "prompt": item["prompt"],
+                        "completion": rep.text(item["completion"], keep=item["prompt"]),
+                    }
+                )
+            else:
+                text = item["text"]
+                half = len(text) // 2
+                cut = text.rfind(" ", 0, half) + 1 or half
+                versions.append({"text": text[:cut] + rep.text(text[cut:], keep=text[:cut])})
+        out.append(versions)
     return out
