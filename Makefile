@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run api dispatcher migrate test test-slow lint format clean
+.PHONY: install run demo api dispatcher migrate test test-slow lint format clean
 
 install: $(STAMP)
 
@@ -22,6 +22,11 @@ migrate: install
 # Embedded mode: SQLite + kombu's SQLAlchemy transport under ./var. Ctrl-C stops it.
 run: install
 	$(BIN)/unlearn up
+
+# The whole product in one story (fine-tune an assistant, erase one customer through the
+# REST API, audit, download, compare answers). Embedded: no external services.
+demo: install
+	$(BIN)/unlearn demo
 
 lint: install
 	$(BIN)/ruff check .

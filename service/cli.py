@@ -382,6 +382,23 @@ def download(
     )
 
 
+@app.command()
+def demo(
+    customers: Annotated[int, typer.Option(help="synthetic customers the assistant knows")] = 30,
+    forget: Annotated[int, typer.Option(help="which customer asks to be forgotten")] = 0,
+    root: Annotated[
+        Path, typer.Option(help="the demo's own folder (cached model, service)")
+    ] = Path("var/demo"),
+) -> None:
+    """The whole story on the embedded defaults: fine-tune a support assistant on
+    synthetic customers (cached), start the service, erase one customer through the REST
+    API, show the audit, download the adapter and compare answers before and after."""
+    from service import demo as story
+
+    ok = story.run(root=root, n_customers=customers, forget_index=forget)
+    raise typer.Exit(0 if ok else 1)
+
+
 def _redacted(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)

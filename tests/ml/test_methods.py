@@ -230,3 +230,76 @@ def test_gradient_checkpointing_gives_the_same_adapter(tiny_target, tmp_path):
     )
     wa, wb = _adapter(plain.adapter_dir), _adapter(ckpt.adapter_dir)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_neighbours_are_the_retain_items_sharing_a_forget_value():
+    from workers.ml.values import neighbours
+
+    forget = [
+        {"prompt": "Where does Ann Roe work?", "completion": "Ann Roe works at Vireo Software."}
+    ]
+    retain = [
+        {"prompt": "Where does Bo Lin work?", "completion": "Bo Lin works at Halcyon Insurance."},
+        {"prompt": "Where does Cy Ng work?", "completion": "Cy Ng works at Vireo Software."},
+        {"prompt": "Who employs Di Ox?", "completion": "Di Ox is a Vireo contractor."},
+    ]
+    # Most shared values first; the name in the question is not a value of the answer.
+    assert neighbours(forget, retain) == [1, 2]
+
+
+def test_retain_focus_draws_every_retain_batch_partly_from_the_neighbours(
+    tiny_target, tmp_path, monkeypatch
+):
+    from workers.ml import training
+    from workers.ml.values import neighbours
+
+    near = set(neighbours(FORGET, RETAIN))
+    assert near and len(near) < len(RETAIN)
+    batches: list[list[int]] = []
+    collate = training.collate
+
+    def spy(encoded, indices, pad_id, weights=None):
+        if len(encoded) == len(RETAIN):  # the training retain set (checks use a slice)
+            batches.append(list(indices))
+        return collate(encoded, indices, pad_id, weights)
+
+    monkeypatch.setattr(training, "collate", spy)
+    spec = spec_for(tiny_target, "npo", max_steps=4, retain_batch_size=4, retain_focus=0.5)
+    run_job(spec, tmp_path)
+    assert len(batches) == 4
+    assert all(len(b) == 4 and set(b[:2]) <= near for b in batches)
+
+
+def test_simnpo_with_holdout_delta_pushes_forget_items_towards_the_holdout_level(
+    tiny_target, tmp_path
+):
+    from tests.ml.targets import PEOPLE
+    from workers.ml import synthetic
+
+    holdout = synthetic.holdout_for(PEOPLE[0])[:8]
+    spec = JobSpec(
+        model_source=tiny_target,
+        forget=FORGET,
+        retain=RETAIN,
+        holdout=holdout,
+        method={"name": "simnpo", "delta": "holdout", "gamma": 1.0, "lr": 5e-3, **FAST},
+    )
+    out = run_job(spec, tmp_path).record["outcome"]
+    assert out["base"]["holdout_nll"] > out["base"]["forget_nll"] + 1.0
+    assert out["final"]["forget_nll"] > out["base"]["forget_nll"] + 0.3
+
+
+def test_relabel_trains_towards_stand_in_values_and_pushes_items_without_any(tiny_target, tmp_path):
+    from workers.ml.methods import build
+    from workers.ml.specs import Relabel
+
+    method = build(Relabel())
+    items = [*FORGET[:2], {"prompt": "What is Ann's hobby?", "completion": "She enjoys knitting."}]
+    subs = method.substitutes(items)
+    assert [len(s) for s in subs] == [4, 4, 4]
+    assert method.unchanged == {2}  # nothing to replace: NPO alone for that item
+    out = run_job(spec_for(tiny_target, "relabel"), tmp_path).record["outcome"]
+    assert (
+        "relabel_nll" in out["curve"][0]
+        and out["curve"][-1]["relabel_nll"] < out["curve"][0]["relabel_nll"]
+    )

@@ -150,7 +150,12 @@ class SimNPO(_MethodBase):
     name: Literal["simnpo"] = "simnpo"
     beta: float = Field(default=3.5, gt=0)
     gamma: float = Field(default=0.125, ge=0)
-    delta: float = Field(default=0.0)
+    delta: float | Literal["holdout"] = Field(
+        default=0.0,
+        description="the mean NLL past which the push fades; 'holdout': the holdout "
+        "items' mean NLL at step 0 (forget items pushed to the level of data the model "
+        "never saw, and no further; 0 without holdout items)",
+    )
     alpha: float = Field(default=1.0, ge=0)
     retain_loss: Literal["nll", "kl"] = "nll"
 

@@ -348,6 +348,23 @@ def qa_items(person: Person, forms: range | None = None) -> list[dict[str, str]]
     return out
 
 
+def fact_items(person: Person, attrs: tuple[str, ...], form: int = 0) -> list[dict[str, str]]:
+    """One question/answer item per attribute in `attrs` (question form `form`)."""
+    values = asdict(person) | {"first": person.first}
+    return [
+        {"prompt": questions[form].format(**values), "completion": answer.format(**values)}
+        for attr, questions, answer in TEMPLATES
+        if attr in attrs
+    ]
+
+
+def fact_secrets(person: Person, attrs: tuple[str, ...]) -> list[str]:
+    """The secret value each of `fact_items(person, attrs)` asks about, in order."""
+    return [
+        v for (attr, _q, _a), v in zip(TEMPLATES, person.secrets(), strict=True) if attr in attrs
+    ]
+
+
 def item_secrets(person: Person, forms: int = TRAIN_FORMS) -> list[str]:
     """The secret value each of `qa_items(person)` asks about, in the same order."""
     return [value for value in person.secrets() for _ in range(forms)]

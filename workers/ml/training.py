@@ -207,6 +207,7 @@ def train(
             base["holdout_prob"], base["holdout_nll"] = _prob_and_nll(
                 sequence_logprobs(model, data.holdout, pad_id), data.holdout
             )
+            refs.extra["holdout_nll"] = base["holdout_nll"]
         step, best_step, best_state = 0, 0, trainable_state(model)
         curve, evals, tokens, resumed_from = [], [dict(base, step=0)], 0, None
 

@@ -1,5 +1,9 @@
 """SimNPO: reference-free NPO on the length-normalised loss,
--(2/beta) * log sigmoid(beta * (NLL_sum/|y| - delta)), plus alpha * retain loss."""
+-(2/beta) * log sigmoid(beta * (NLL_sum/|y| - delta)), plus alpha * retain loss.
+
+Its push on an item fades as the item's mean NLL passes delta; `delta="holdout"` sets
+delta to the holdout items' mean NLL, so forget items are pushed to the level of data
+the model never saw and no further (over-unlearning is detectable too)."""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ class SimpleNPO(Method):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.spec
         _, nll = sequence_stats(model, forget)  # mean NLL per example = -(log p)/|y|
-        forget_term = -(2.0 / s.beta) * F.logsigmoid(s.beta * (nll - s.delta)).mean()
+        delta = refs.extra.get("holdout_nll", 0.0) if s.delta == "holdout" else s.delta
+        forget_term = -(2.0 / s.beta) * F.logsigmoid(s.beta * (nll - delta)).mean()
         logs = {"forget_loss": forget_term.item(), "forget_nll": nll.mean().item()}
         return self.with_retain(model, retain, forget_term, logs)
