@@ -45,7 +45,7 @@ from service.jobs.models import Job
 from service.models_registry.models import RegisteredModel
 from service.states import JobStage, RequestStatus
 from workers.audit.policy import AuditPolicy
-from workers.ml.specs import MethodSpec
+from workers.ml.specs import DEFAULT_METHOD, MethodSpec
 
 log = structlog.get_logger()
 J = JobStage
@@ -137,7 +137,7 @@ def _read_input(job_id: str, worker_id: str) -> JobInput:
             items = _decrypt(req)[0][: REGRESSION_MAX_ITEMS - len(regression)]
             regression += items
             regression_owner += [req.id] * len(items)
-        raw_method = job.method or model.default_method or {"name": "npo"}
+        raw_method = job.method or model.default_method or DEFAULT_METHOD
         try:
             method = _METHOD.validate_python(raw_method).model_dump()
         except ValidationError as exc:

@@ -303,3 +303,18 @@ def test_relabel_trains_towards_stand_in_values_and_pushes_items_without_any(tin
         "relabel_nll" in out["curve"][0]
         and out["curve"][-1]["relabel_nll"] < out["curve"][0]["relabel_nll"]
     )
+
+
+def test_retain_patience_trains_on_past_a_breach_and_still_ends_within_bounds(
+    tiny_target, tmp_path
+):
+    args = {"max_steps": 40, "lr": 5e-3, "retain_tolerance": 0.3, "retain_tolerance_abs": 0}
+    strict = run_job(spec_for(tiny_target, "ga", **args), tmp_path / "strict")
+    patient = run_job(spec_for(tiny_target, "ga", retain_patience=100, **args), tmp_path / "p")
+    s, p = strict.record["outcome"], patient.record["outcome"]
+    assert s["stopped"] == p["stopped"] == "retain_guard"
+    assert s["steps"] < 40 and p["steps"] == 40  # trained on past the first breach
+    bound = p["base"]["retain_nll"] * 1.3 + 1e-6
+    assert p["final"]["retain_nll"] <= bound  # but ends on a state within bounds
+    breached = [e for e in p["evals"] if e["retain_nll"] > bound]
+    assert breached and all(e["step"] > p["best_step"] for e in breached)

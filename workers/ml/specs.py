@@ -111,6 +111,14 @@ class _MethodBase(BaseModel):
         description="stop and roll back once retain NLL rises more than this fraction "
         "of its step-0 value, or more than retain_tolerance_abs, whichever is larger",
     )
+    retain_patience: int = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description="scope checks a run may stay past the retain bound before it stops: a "
+        "retain term often pulls the retain loss back within bounds after a forget step "
+        "overshoots; the adapter is always the last checked state within bounds",
+    )
     retain_tolerance_abs: float = Field(
         default=0.1,
         ge=0,
@@ -203,6 +211,30 @@ MethodSpec = Annotated[
 ]
 METHOD_NAMES = ("ga", "graddiff", "npo", "simnpo", "relabel", "idk", "rmu")
 
+# The method a job runs when neither the request nor the model names one. Chosen from
+# measurements on the built-in model (docs/unlearning-defaults.md, docs/audit.md):
+# SimNPO pushing each item to the holdout items' level and no further, its loss on the
+# person's specific values, a KL retain term (alpha 5) half drawn from the neighbours,
+# and a retain guard on 24 items that tolerates 3 checks of overshoot.
+DEFAULT_METHOD: dict[str, object] = {
+    "name": "simnpo",
+    "delta": "holdout",
+    "gamma": 1.0,
+    "forget_weighting": "values",
+    "retain_loss": "kl",
+    "alpha": 5.0,
+    "retain_focus": 0.5,
+    "retain_batch_size": 4,
+    "lr": 1e-3,
+    "max_steps": 24,
+    "retain_eval_items": 24,
+    "retain_patience": 3,
+}
+
+
+def default_method() -> GA | GradDiff | NPO | SimNPO | Relabel | IdK | RMU:
+    return SimNPO.model_validate(DEFAULT_METHOD)
+
 
 class JobSpec(BaseModel):
     """Everything the engine needs for one run; the record repeats it."""
@@ -213,7 +245,7 @@ class JobSpec(BaseModel):
     forget: list[Item] = Field(min_length=1)
     retain: list[Item] = Field(default_factory=list)
     holdout: list[Item] = Field(default_factory=list)
-    method: MethodSpec = Field(default_factory=lambda: NPO())
+    method: MethodSpec = Field(default_factory=default_method)
     previous_adapter: str | None = Field(
         default=None, description="folder of the version this run continues from"
     )

@@ -7,8 +7,10 @@ Scope control (see docs/unlearning-defaults.md): stop as soon as the mean forget
 probability is no higher than the holdout items' (data of the same kind the model never
 saw), or without holdout items at most `stop_forget_ratio` times its value at step 0
 ("forgotten");
-if the retain NLL rises more than `retain_tolerance` above its step-0 value, restore
-the last checked state that was within bounds and stop ("retain_guard"). Over-unlearning
+if the retain NLL rises more than `retain_tolerance` above its step-0 value for more
+than `retain_patience` consecutive checks, restore the last checked state that was
+within bounds and stop ("retain_guard"); a run that ends out of bounds also ends on
+that state. Over-unlearning
 is a failure too, so the run never simply trains to the end regardless.
 """
 
@@ -187,6 +189,7 @@ def train(
         scheduler.load_state_dict(ck["scheduler"])
         step, refs, base = ck["step"], ck["refs"], ck["base"]
         best_state, best_step = ck["best_state"], ck["best_step"]
+        breaches = ck.get("breaches", 0)
         curve, evals, tokens = ck["curve"], ck["evals"], ck["tokens"]
         resumed_from: int | None = step
     else:
@@ -208,7 +211,7 @@ def train(
                 sequence_logprobs(model, data.holdout, pad_id), data.holdout
             )
             refs.extra["holdout_nll"] = base["holdout_nll"]
-        step, best_step, best_state = 0, 0, trainable_state(model)
+        step, best_step, best_state, breaches = 0, 0, trainable_state(model), 0
         curve, evals, tokens, resumed_from = [], [dict(base, step=0)], 0, None
 
     threshold = stop_threshold(spec, base)
@@ -250,13 +253,17 @@ def train(
             now = scope_metrics(model, data, pad_id)
             evals.append(dict(now, step=step))
             if "retain_nll" in now and now["retain_nll"] > retain_bound(spec, base):
-                load_trainable(model, best_state)  # roll back to the last state within bounds
-                stopped = "retain_guard"
-                break
-            best_state, best_step = trainable_state(model), step
-            if threshold is not None and now["forget_prob"] <= threshold:
-                stopped = "forgotten"
-                break
+                breaches += 1  # the retain term may still pull it back within bounds
+                if breaches > spec.retain_patience or step == spec.max_steps:
+                    load_trainable(model, best_state)  # the last state within bounds
+                    stopped = "retain_guard"
+                    break
+            else:
+                breaches = 0
+                best_state, best_step = trainable_state(model), step
+                if threshold is not None and now["forget_prob"] <= threshold:
+                    stopped = "forgotten"
+                    break
         if step % spec.checkpoint_every == 0 and step < spec.max_steps:
             _save_checkpoint(
                 ckpt_path,
@@ -269,6 +276,7 @@ def train(
                     "base": base,
                     "best_state": best_state,
                     "best_step": best_step,
+                    "breaches": breaches,
                     "curve": curve,
                     "evals": evals,
                     "tokens": tokens,
