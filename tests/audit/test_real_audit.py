@@ -1,6 +1,6 @@
 """The audit on the real built-in SmolLM2 (slow: `make test-slow`): a fine-tuned model
-that knows a fictitious person fails the audit before unlearning; after the default
-unlearning run it should pass (the known gap: docs/audit.md, "Calibration")."""
+that knows a fictitious person fails the audit before unlearning and passes it after
+the default unlearning run (measured: docs/audit.md, "Second round")."""
 
 from __future__ import annotations
 
@@ -46,12 +46,6 @@ def test_a_model_that_still_knows_the_person_fails(target, tmp_path):
     assert {"forgetting", "privacy"} <= failed and not failed & {"utility", "fluency"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured 2026-11-28 on this target (python -m benchmarks.audit_calibration): "
-    "the default run leaves 4 of 20 secrets in greedy answers but MIA AUC 0.92 and forget "
-    "probability ratio 0.86 (limits 0.8 and 0.5); see docs/audit.md, Calibration",
-)
 def test_the_default_unlearning_run_passes(target, tmp_path):
     folder, people = target
     spec = JobSpec(

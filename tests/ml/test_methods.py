@@ -20,7 +20,8 @@ FAST = {
     "max_steps": 20,
     "eval_every": 2,
     "checkpoint_every": 5,
-    "stop_forget_ratio": None,
+    "stop_target": "ratio",
+    "stop_forget_ratio": None,  # never stop early for forgetting
     "retain_tolerance": 1.0,
 }
 # Measured on the tiny target (see the sweep in docs/unlearning-defaults.md): the
@@ -121,7 +122,10 @@ def test_adapter_loads_with_plain_peft_and_changes_only_what_it_should(tiny_targ
 
 
 def test_scope_control_stops_when_forgotten(tiny_target, tmp_path):
-    result = run_job(spec_for(tiny_target, "simnpo", max_steps=60, stop_forget_ratio=0.5), tmp_path)
+    result = run_job(
+        spec_for(tiny_target, "simnpo", max_steps=60, stop_target="ratio", stop_forget_ratio=0.5),
+        tmp_path,
+    )
     out = result.record["outcome"]
     assert out["stopped"] == "forgotten" and out["steps"] < 60
     assert out["final"]["forget_prob"] <= 0.5 * out["base"]["forget_prob"]

@@ -18,7 +18,7 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from workers.ml import adapters, loading, methods
+from workers.ml import adapters, loading, methods, stand_ins
 from workers.ml.data import encode_all, rare_token_weights, value_token_weights
 from workers.ml.memwatch import PeakRSS
 from workers.ml.specs import JobSpec
@@ -86,10 +86,13 @@ def _run(
     method.prepare(model)
 
     forget = [i.plain() for i in spec.forget]
+    # The stop rule and SimNPO's delta="holdout" compare with data the model never saw:
+    # without holdout items from the caller, the person's values replaced by stand-ins.
+    holdout = [i.plain() for i in spec.holdout] or stand_ins.synthesize(forget, seed=m.seed)
     data = Datasets(
         forget=encode_all(tok, forget, m.max_length),
         retain=encode_all(tok, [i.plain() for i in spec.retain], m.max_length),
-        holdout=encode_all(tok, [i.plain() for i in spec.holdout], m.max_length),
+        holdout=encode_all(tok, holdout, m.max_length),
         retain_eval=m.retain_eval_items,
     )
     if m.retain_focus > 0:
@@ -129,7 +132,8 @@ def _run(
         "items": {
             "forget": len(spec.forget),
             "retain": len(spec.retain),
-            "holdout": len(spec.holdout),
+            "holdout": len(holdout),
+            "holdout_source": "caller" if spec.holdout else "synthesized",
         },
         "outcome": asdict(outcome),
         "adapter_files": digests,
