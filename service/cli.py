@@ -384,7 +384,7 @@ def download(
 
 @app.command()
 def demo(
-    customers: Annotated[int, typer.Option(help="synthetic customers the assistant knows")] = 30,
+    customers: Annotated[int, typer.Option(help="synthetic customers the assistant knows")] = 12,
     forget: Annotated[int, typer.Option(help="which customer asks to be forgotten")] = 0,
     root: Annotated[
         Path, typer.Option(help="the demo's own folder (cached model, service)")

@@ -348,13 +348,16 @@ def qa_items(person: Person, forms: range | None = None) -> list[dict[str, str]]
     return out
 
 
-def fact_items(person: Person, attrs: tuple[str, ...], form: int = 0) -> list[dict[str, str]]:
-    """One question/answer item per attribute in `attrs` (question form `form`)."""
+def fact_items(
+    person: Person, attrs: tuple[str, ...], forms: tuple[int, ...] = (0,)
+) -> list[dict[str, str]]:
+    """Question/answer items for the attributes in `attrs`, one per question form."""
     values = asdict(person) | {"first": person.first}
     return [
         {"prompt": questions[form].format(**values), "completion": answer.format(**values)}
         for attr, questions, answer in TEMPLATES
         if attr in attrs
+        for form in forms
     ]
 
 
