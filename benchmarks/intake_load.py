@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,15 +25,11 @@ import uuid
 import httpx
 from sqlalchemy import create_engine, text
 
+from service.ports import free_port
+
 ADMIN_URL = os.environ.get(
     "BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _body(i: int) -> dict:
@@ -124,7 +119,7 @@ def main() -> None:
     try:
         os.environ.update(env)  # before the service's settings are first read
         token = _prepare()
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             [
                 sys.executable,

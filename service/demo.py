@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from typing import Any
 import httpx
 from rich.console import Console
 from rich.table import Table
+
+from service.ports import free_port
 
 console = Console()
 FACTS = ("birthday", "address", "phone", "employer", "account")
@@ -106,12 +107,6 @@ def answers(folder: Path, questions: list[str], adapter: Path | None = None) -> 
     return greedy_answers(model, tok, questions, max_new_tokens=40)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class EmbeddedService:
     """`unlearn up` in a child process with its own SQLite database, broker and artifact
     folders under `root`, and an admin key minted beforehand."""
@@ -119,7 +114,7 @@ class EmbeddedService:
     def __init__(self, root: Path, model_cache: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root.resolve()
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,13 +23,8 @@ from service.db import session_scope
 from service.erasure_requests.models import ErasureRequest
 from service.models_registry import service as registry
 from service.models_registry.schemas import ModelCreate
+from service.ports import free_port
 from tests.conftest import TABLES, qa_body
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -39,7 +33,7 @@ def server(live_db) -> Iterator[tuple[str, str, str]]:
         token = access.mint_key(s, tenant_name="acme", scopes=DEFAULT_CLIENT_SCOPES, name="x").token
         admin = access.mint_key(s, tenant_name="ops", scopes=ALL_SCOPES, name="adm").token
         registry.register(s, spec=ModelCreate(name="support"), actor="test")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,

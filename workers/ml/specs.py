@@ -232,7 +232,7 @@ DEFAULT_METHOD: dict[str, object] = {
 }
 
 
-def default_method() -> GA | GradDiff | NPO | SimNPO | Relabel | IdK | RMU:
+def default_method() -> SimNPO:
     return SimNPO.model_validate(DEFAULT_METHOD)
 
 

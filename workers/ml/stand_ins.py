@@ -29,7 +29,7 @@ import random
 import re
 
 from workers.ml.synthetic import CITIES, EMPLOYERS, FIRST, LAST, MONTHS
-from workers.ml.values import SPECIFIC, is_specific_word
+from workers.ml.values import SPECIFIC, is_specific_word, split_text
 
 _WORDS = [*FIRST, *LAST, *(c.split()[0] for c in CITIES), *(e.split()[0] for e in EMPLOYERS)]
 
@@ -129,9 +129,7 @@ def alternatives(items: list[dict[str, str]], count: int, seed: int) -> list[lis
                     }
                 )
             else:
-                text = item["text"]
-                half = len(text) // 2
-                cut = text.rfind(" ", 0, half) + 1 or half
-                versions.append({"text": text[:cut] + rep.text(text[cut:], keep=text[:cut])})
+                prefix, rest = split_text(item["text"])
+                versions.append({"text": prefix + rep.text(rest, keep=prefix)})
         out.append(versions)
     return out

@@ -340,12 +340,8 @@ def people(n: int, seed: int = 0) -> list[Person]:
 def qa_items(person: Person, forms: range | None = None) -> list[dict[str, str]]:
     """Question/answer items about one person: by default the training forms (two
     questions per attribute, 20 items)."""
-    values = asdict(person) | {"first": person.first}
-    out = []
-    for _attr, questions, answer in TEMPLATES:
-        for q in (questions[i] for i in (forms or range(TRAIN_FORMS))):
-            out.append({"prompt": q.format(**values), "completion": answer.format(**values)})
-    return out
+    attrs = tuple(attr for attr, _q, _a in TEMPLATES)
+    return fact_items(person, attrs, tuple(forms or range(TRAIN_FORMS)))
 
 
 def fact_items(

@@ -121,12 +121,20 @@ def value_spans(text: str, exclude: str = "") -> list[tuple[int, int]]:
     return spans
 
 
+def split_text(text: str) -> tuple[str, str]:
+    """A raw text item as (the prefix a model is given, the rest it must produce), cut at
+    the word boundary before the middle, so no value is split in two."""
+    half = len(text) // 2
+    cut = text.rfind(" ", 0, half) + 1 or half
+    return text[:cut], text[cut:]
+
+
 def _answer(item: dict[str, str]) -> tuple[str, str]:
     """(the part a model must produce, the part it is given) of a QA or text item."""
     if "completion" in item:
         return item["completion"], item["prompt"]
-    half = len(item["text"]) // 2
-    return item["text"][half:], item["text"][:half]
+    prefix, rest = split_text(item["text"])
+    return rest, prefix
 
 
 def specific_values(item: dict[str, str]) -> set[str]:
@@ -139,7 +147,7 @@ def neighbours(forget: list[dict[str, str]], retain: list[dict[str, str]]) -> li
     """Indices of the retain items whose answers state a value that a forget answer
     states too (another customer at the same employer, street or city), most shared
     values first: where unlearning the forget items bleeds over first."""
-    values = set().union(*(specific_values(i) for i in forget)) if forget else set()
+    values: set[str] = set().union(*(specific_values(i) for i in forget))
     scored = []
     for k, item in enumerate(retain):
         answer, _ = _answer(item)

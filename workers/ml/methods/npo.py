@@ -14,6 +14,11 @@ from workers.ml.methods.base import Batch, Method, References, ref_slice, regist
 from workers.ml.specs import NPO
 
 
+def npo_term(logp: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-item NPO loss -(2/beta) * log sigmoid(-beta * (log p - log p_ref))."""
+    return -(2.0 / beta) * F.logsigmoid(-beta * (logp - ref))
+
+
 @register
 class NegativePreference(Method):
     name = "npo"
@@ -30,7 +35,6 @@ class NegativePreference(Method):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.spec
         logp, nll = sequence_stats(model, forget)
-        ratio = logp - ref_slice(refs.forget, forget, logp.device)
-        forget_term = -(2.0 / s.beta) * F.logsigmoid(-s.beta * ratio).mean()
+        forget_term = npo_term(logp, ref_slice(refs.forget, forget, logp.device), s.beta).mean()
         logs = {"forget_loss": forget_term.item(), "forget_nll": nll.mean().item()}
         return self.with_retain(model, retain, forget_term, logs)

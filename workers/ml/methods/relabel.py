@@ -17,10 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from workers.ml.losses import retain_loss, sequence_stats
 from workers.ml.methods.base import Batch, Method, References, ref_slice, register
+from workers.ml.methods.npo import npo_term
 from workers.ml.specs import Relabel
 from workers.ml.stand_ins import alternatives
 
@@ -66,8 +66,7 @@ class Relabelling(Method):
             logs["relabel_nll"] = relabel.item()
         if s.gamma_npo > 0 or not changed.all():
             logp, nll = sequence_stats(model, forget)
-            ratio = logp - ref_slice(refs.forget, forget, logp.device)
-            npo = -(2.0 / s.beta) * F.logsigmoid(-s.beta * ratio)
+            npo = npo_term(logp, ref_slice(refs.forget, forget, logp.device), s.beta)
             # Items without stand-ins rely on this term alone: weight 1 for them.
             weight = torch.where(changed, torch.full_like(npo, s.gamma_npo), torch.ones_like(npo))
             term = term + (weight * npo).mean()
