@@ -22,10 +22,10 @@ from service import dispatcher
 from service.cli import _alembic_config
 from service.db import make_engine, session_scope
 from service.erasure_requests.models import ErasureRequest
+from service.ports import free_port
 from service.trail import service as trail
 from service.trail.models import AuditEvent
 from tests.service import factories as f
-from tests.service.test_concurrent_intake import _free_port
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_cli_and_api_end_to_end_on_the_embedded_defaults(tmp_path):
     assert admin.startswith("ulk_")
     assert (workdir / "var" / "unlearn.sqlite").exists()
 
-    port = _free_port()
+    port = free_port()
     api = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "api", "--port", str(port)],
         env=env,
