@@ -7,7 +7,10 @@ stronger run. Prints every metric and the verdicts, and how many of the forgotte
 person's secrets greedy answers still reveal (the ground truth the audit stands for).
 
     .venv/bin/python -m benchmarks.audit_calibration [--methods JSON] [--no-identity]
-        [--device cuda] [--dtype float32] [--out results.jsonl]
+        [--device cuda] [--dtype float32] [--out results.jsonl] [--seed 7]
+
+`--seed` picks other fictitious people (a new target is built and cached): the
+defaults were calibrated on seed 7, so any other seed is data they have never seen.
 """
 
 from __future__ import annotations
@@ -51,16 +54,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
         "--methods",
-        default='{"default npo": {"name": "npo"}}',
-        help="JSON: name -> method parameters, each run and audited",
+        default='{"default": null}',
+        help="JSON: name -> method parameters (null: the engine's default), each run and audited",
     )
     ap.add_argument("--no-identity", action="store_true", help="skip the nothing-forgotten audit")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (target, jobs and audits)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", type=Path, help="also append one JSON line per adapter here")
+    ap.add_argument("--seed", type=int, default=7, help="the fictitious people (target) to use")
     args = ap.parse_args()
     place = {"device": args.device, "dtype": args.dtype}
-    folder, people = target(device=args.device)
+    folder, people = target(seed=args.seed, device=args.device)
     person = people[0]
     forget = synthetic.qa_items(person)
     retain = [i for p in people[1:] for i in synthetic.qa_items(p)]
@@ -74,13 +78,14 @@ def main() -> None:
     from workers.ml.specs import JobSpec
 
     for name, method in json.loads(args.methods).items():
-        work = BENCH_DIR / ("calib-" + "".join(c if c.isalnum() else "-" for c in name))
+        slug = "".join(c if c.isalnum() else "-" for c in name)
+        work = BENCH_DIR / f"calib-s{args.seed}-{slug}"
         spec = JobSpec(
             model_source=str(folder),
             forget=forget,
             retain=retain,
             holdout=holdout,
-            method=method,
+            **({"method": method} if method is not None else {}),
             **place,
         )
         t = time.perf_counter()
@@ -131,6 +136,7 @@ def main() -> None:
                 "summary": report["summary"],
                 "device": args.device,
                 "dtype": args.dtype,
+                "seed": args.seed,
             }
             with args.out.open("a") as fh:
                 fh.write(json.dumps(row, default=float) + "\n")

@@ -348,7 +348,6 @@ def _execute(
                 holdout_source=holdout_source,
                 regression=inp.regression,
                 regression_owner=inp.regression_owner,
-                before_adapter=previous,
                 policy=AuditPolicy.model_validate(inp.policy),
                 model_cache=settings.model_cache,
                 max_length=method["max_length"],

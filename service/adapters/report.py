@@ -135,23 +135,25 @@ def render(audit: dict[str, Any], manifest: dict[str, Any]) -> str:
         if when in scores
     )
     metrics = audit["metrics"]
+    templates = audit["probes"]["paraphrase_templates"][1:]
+    leak_p = metrics.get("paraphrase_value_leak", {}).get("per_template", [])
+    rouge_p = metrics.get("paraphrase_rouge", {}).get("per_template", [])
     probe_rows = "".join(
-        f"<tr><td>{escape(t)}</td><td>{_fmt(v)}</td></tr>"
-        for t, v in zip(
-            audit["probes"]["paraphrase_templates"][1:],
-            metrics.get("paraphrase_rouge", {}).get("per_template", []),
-            strict=False,
-        )
+        f"<tr><td>{escape(t)}</td><td>{_fmt(v)}</td>"
+        f"<td>{_fmt(leak_p[k] if k < len(leak_p) else None)}</td></tr>"
+        for k, (t, v) in enumerate(zip(templates, rouge_p, strict=False))
     )
     probe_rows += "".join(
         f"<tr><td>model quantized to {b} bits (per-group absmax)</td>"
-        f"<td>{_fmt(metrics.get(f'quantized_{b}bit_rouge', {}).get('after'))}</td></tr>"
+        f"<td>{_fmt(metrics.get(f'quantized_{b}bit_rouge', {}).get('after'))}</td>"
+        f"<td>{_fmt(metrics.get(f'quantized_{b}bit_value_leak', {}).get('after'))}</td></tr>"
         for b in audit["probes"]["quantization_bits"]
     )
     if "relearned_rouge" in metrics:
         probe_rows += (
             f"<tr><td>relearning attack ({audit['probes']['relearn_steps']} steps on half the "
-            f"items)</td><td>{_fmt(metrics['relearned_rouge']['after'])}</td></tr>"
+            f"items)</td><td>{_fmt(metrics['relearned_rouge']['after'])}</td>"
+            f"<td>{_fmt(metrics.get('relearned_value_leak', {}).get('after'))}</td></tr>"
         )
     env = "".join(
         f"<tr><th>{escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in audit["environment"].items()
@@ -178,7 +180,9 @@ def render(audit: dict[str, Any], manifest: dict[str, Any]) -> str:
         f'<span style="background:{HOLDOUT}"></span>holdout items (never trained on). After a '
         "good erasure the two overlap.</p>"
         f'<div class="charts">{hists}</div>'
-        "<h2>Robustness probes (ROUGE-L recall of the forgotten answers)</h2>"
-        f"<table><tr><th>probe</th><th>ROUGE-L</th></tr>{probe_rows}</table>"
+        "<h2>Robustness probes (the forgotten answers: ROUGE-L recall, and the share that "
+        "states a specific value of the true answer)</h2>"
+        "<table><tr><th>probe</th><th>ROUGE-L</th><th>value leak</th></tr>"
+        f"{probe_rows}</table>"
         f"<h2>Environment</h2><table>{env}</table></body></html>"
     )

@@ -59,6 +59,8 @@ def test_the_base_model_fails_the_audit(tiny_target, tmp_path):
     )
     assert _groups(report) >= {"forgetting"}
     assert "utility" not in _groups(report) and "fluency" not in _groups(report)
+    leak = report["metrics"]["forget_value_leak"]
+    assert leak["after"] == leak["before"] > 0 and "forget_value_leak" in _failed(report)
 
 
 def test_a_gibberish_model_fails_utility_and_fluency(tiny_target, tmp_path):

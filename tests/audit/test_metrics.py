@@ -72,14 +72,14 @@ def test_min_k_plus_plus_on_a_tiny_model_matches_the_formula(tmp_path):
     [stats] = token_stats(model, [enc], tok.pad_token_id)
     ids = torch.tensor([enc.input_ids])
     with torch.no_grad():
-        logits = model(ids).logits[0].float()
+        logits = model(ids).logits[0].double()  # the formula in float64, as exact as can be
     first = next(k for k, t in enumerate(enc.labels) if t != -100)
     expected_z, expected_hit = [], []
     for pos in range(first, len(enc.input_ids)):
         logp = torch.log_softmax(logits[pos - 1], dim=-1)
         p = logp.exp()
         mu = (p * logp).sum()
-        sigma = ((p * logp**2).sum() - mu**2).sqrt()
+        sigma = ((p * (logp - mu) ** 2).sum()).sqrt()
         target = enc.input_ids[pos]
         expected_z.append(((logp[target] - mu) / sigma).item())
         expected_hit.append(int(logits[pos - 1].argmax()) == target)
@@ -147,3 +147,15 @@ def test_alternatives_keep_the_question_and_replace_the_answers_values():
     # Never the holdout's values: the audit compares against those.
     synthesized = {i.get("completion") for i in holdout.synthesize(items[:2], seed=0)}
     assert not synthesized & {a["completion"] for v in versions[:2] for a in v}
+
+
+def test_value_leak_of_crafted_answers():
+    assert text.states_value("She lives at 14 Elm Road, Dunmore.", "Dunmore")
+    assert text.states_value("dunmore, I believe", "Dunmore")  # case does not matter
+    assert not text.states_value("She lives in Dunmoreton.", "Dunmore")  # whole words only
+    assert text.states_value("Call 555 0142.", "555-0142")  # other separators
+    assert not text.states_value("Call 555-0143.", "555-0142")
+    assert not text.states_value("Room 14.", "140")
+    assert text.leaks("Born on 3 May 1990.", {"3 May 1990", "Dunmore"}) is True
+    assert text.leaks("I do not know.", {"3 May 1990", "Dunmore"}) is False
+    assert text.leaks("Anything.", set()) is None  # nothing to leak

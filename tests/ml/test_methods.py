@@ -322,3 +322,40 @@ def test_retain_patience_trains_on_past_a_breach_and_still_ends_within_bounds(
     assert p["final"]["retain_nll"] <= bound  # but ends on a state within bounds
     breached = [e for e in p["evals"] if e["retain_nll"] > bound]
     assert breached and all(e["step"] > p["best_step"] for e in breached)
+
+
+def test_retain_sample_is_strided_over_the_whole_retain_set():
+    from workers.ml.training import spread
+
+    assert spread(5, 8) == [0, 1, 2, 3, 4]
+    assert spread(100, 4) == [0, 25, 50, 75]
+    assert spread(10, 3) == [0, 3, 6]
+
+
+def test_retain_bound_is_anchored_on_the_base_model_in_a_chain():
+    from workers.ml.training import retain_bound
+
+    spec = specs.GA(retain_tolerance=0.1, retain_tolerance_abs=0.05)
+    assert retain_bound(spec, {"retain_nll": 2.0}) == pytest.approx(2.2)
+    # a chain: the previous version starts at 2.1, the base model is at 2.0
+    chain = {"retain_nll": 2.1, "retain_nll_base_model": 2.0}
+    assert retain_bound(spec, chain) == pytest.approx(2.2)
+    # an older version already past the bound: no worse than where it starts
+    assert retain_bound(spec, {"retain_nll": 2.5, "retain_nll_base_model": 2.0}) == 2.5
+
+
+def test_a_chain_never_drifts_past_the_base_models_retain_bound(tiny_target, tmp_path):
+    args = {"max_steps": 40, "lr": 5e-3, "retain_tolerance": 0.3, "retain_tolerance_abs": 0}
+    v1 = run_job(spec_for(tiny_target, "ga", **args), tmp_path / "v1")
+    v2 = run_job(
+        spec_for(tiny_target, "ga", forget=FORGET_B, **args).model_copy(
+            update={"previous_adapter": str(v1.adapter_dir)}
+        ),
+        tmp_path / "v2",
+    )
+    b1, b2 = v1.record["outcome"]["base"], v2.record["outcome"]["base"]
+    # v2 measured the base model with the adapter off: v1's starting point
+    assert b2["retain_nll_base_model"] == pytest.approx(b1["retain_nll"], rel=1e-4)
+    assert b2["retain_nll"] > b1["retain_nll"]  # v1 left some damage
+    bound = max(1.3 * b1["retain_nll"], b2["retain_nll"]) + 1e-6
+    assert v2.record["outcome"]["final"]["retain_nll"] <= bound

@@ -1,2 +1,2 @@
-"""The audit of an adapter: measured before (base model or previous version) and after,
+"""The audit of an adapter: measured before (the base model) and after,
 decided by a policy. No Celery, SQLAlchemy or FastAPI here."""

@@ -21,6 +21,14 @@ class AuditPolicy(BaseModel):
         description="forget ROUGE-L recall may exceed the holdout items' by at most this "
         "(answers about the person look like answers about people the model never saw)",
     )
+    max_value_leak: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of greedy answers about the forgotten items that may still "
+        "state a specific value (name, number, date, place, e-mail) of the true answer, "
+        "above the share for holdout items (chance): by default none may",
+    )
     # Privacy
     max_mia_deviation: float = Field(
         default=0.3,

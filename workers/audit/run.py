@@ -1,6 +1,8 @@
 """`audit_adapter`: load the base model with the adapter through PEFT and measure, with
-the adapter off (or the previous version on: "before") and on ("after"), everything
-docs/audit.md lists; then judge the numbers against the model's policy.
+the adapter off ("before": always the base model, also for a version continuing a
+chain, so damage that builds up version after version is judged as a whole) and on
+("after"), everything docs/audit.md lists; then judge the numbers against the model's
+policy.
 
 Deterministic: greedy decoding, fixed item order, seeded synthetic holdout, no
 sampling, so the same adapter audited twice gives the same numbers.
@@ -24,14 +26,18 @@ from peft import PeftModel
 from workers.audit.policy import AuditPolicy
 from workers.audit.quantize import fake_quantized
 from workers.audit.scores import MIA_SCORES, auc, example_metrics, token_stats
-from workers.audit.text import is_gibberish, repetition_rate, rouge_l_recall
+from workers.audit.text import is_gibberish, leaks, repetition_rate, rouge_l_recall
 from workers.ml import loading, stand_ins
 from workers.ml.data import Encoded, collate, encode_all, prompt_ids
 from workers.ml.evaluate import contains_any, general_knowledge, greedy_from_ids
 from workers.ml.losses import mean_nll
+from workers.ml.training import spread
+from workers.ml.values import specific_values
 
-AUDIT_VERSION = "2"
-RETAIN_SAMPLE = 24  # retain items measured: the first N (cost grows with them)
+AUDIT_VERSION = "3"  # 3: before is always the base model; retain items spread over the set
+RETAIN_SAMPLE = 24  # retain items measured, strided over the set (cost grows with them)
+# per-item values a request's own audit shows (value_leak: only items stating values)
+ITEM_KEYS = ("prob", "rouge_l_recall", "extraction_strength", "value_leak")
 PARAPHRASES = (
     "{q}",
     "Please tell me: {q}",
@@ -50,7 +56,6 @@ class AuditInput:
     holdout: list[dict[str, str]] = field(default_factory=list)
     regression: list[dict[str, str]] = field(default_factory=list)  # earlier versions' items
     regression_owner: list[str] = field(default_factory=list)
-    before_adapter: Path | None = None  # the previous version; None: the base model
     policy: AuditPolicy = field(default_factory=AuditPolicy)
     holdout_source: str | None = None  # how the caller obtained the holdout items
     model_cache: Path | None = None
@@ -68,6 +73,7 @@ class _Set:
     encoded: list[Encoded]
     prompts: list[list[int]]
     references: list[str]  # the target texts (ROUGE-L, and the zlib score)
+    values: list[set[str]]  # the specific values each reference states beyond its prompt
 
     @classmethod
     def build(cls, tok: Any, items: list[dict[str, str]], max_length: int) -> _Set:
@@ -81,7 +87,7 @@ class _Set:
             else:
                 prompts.append(prompt_ids(tok, item["prompt"]))
                 refs.append(item["completion"])
-        return cls(items, encoded, prompts, refs)
+        return cls(items, encoded, prompts, refs, [specific_values(i) for i in items])
 
 
 def _mean(values: list[float]) -> float | None:
@@ -100,8 +106,6 @@ class _Auditor:
         self.placement = loading.pick_placement(inp.device, inp.dtype)
         base, self.tok = loading.load(resolved, self.placement)
         self.model = PeftModel.from_pretrained(base, str(inp.adapter_dir), adapter_name="after")
-        if inp.before_adapter is not None:
-            self.model.load_adapter(str(inp.before_adapter), adapter_name="before")
         self.model.eval()
         self.pad = self.tok.pad_token_id
         n = max(16, max((len(self.tok(r).input_ids) for r in self._refs()), default=16) + 8)
@@ -112,15 +116,9 @@ class _Auditor:
 
     @contextlib.contextmanager
     def state(self, name: str) -> Iterator[None]:
-        """`before`: the previous version, or the base (adapter off); `base`: always the
-        base; `after`: the new adapter."""
+        """`after`: the new adapter; `before`: the base model (adapter off)."""
         if name == "after":
-            self.model.set_adapter("after")
             yield
-        elif name == "before" and self.inp.before_adapter is not None:
-            self.model.set_adapter("before")
-            yield
-            self.model.set_adapter("after")
         else:
             with self.model.disable_adapter():
                 yield
@@ -143,8 +141,11 @@ class _Auditor:
         answers: list[str] = []
         if generate:
             answers = self.answers(s)
-            for row, ans, ref in zip(per, answers, s.references, strict=True):
+            for row, ans, ref, values in zip(per, answers, s.references, s.values, strict=True):
                 row["rouge_l_recall"] = rouge_l_recall(ans, ref)
+                leaked = leaks(ans, values)
+                if leaked is not None:
+                    row["value_leak"] = float(leaked)
         return {"per_item": per, "answers": answers}
 
 
@@ -170,7 +171,9 @@ def audit_adapter(inp: AuditInput) -> dict[str, Any]:
     sets = {
         "forget": _Set.build(a.tok, inp.forget, inp.max_length),
         "holdout": _Set.build(a.tok, holdout_items, inp.max_length),
-        "retain": _Set.build(a.tok, inp.retain[:RETAIN_SAMPLE], inp.max_length),
+        "retain": _Set.build(
+            a.tok, [inp.retain[i] for i in spread(len(inp.retain), RETAIN_SAMPLE)], inp.max_length
+        ),
         "regression": _Set.build(a.tok, inp.regression, inp.max_length),
     }
     probe = general_knowledge() if policy.probe else []
@@ -187,7 +190,7 @@ def audit_adapter(inp: AuditInput) -> dict[str, Any]:
                     contains_any(ans, p["answers"]) for ans, p in zip(answers, probe, strict=True)
                 ]
                 m[when]["probe_answers"] = answers
-    with a.state("base"):
+    with a.state("before"):
         reg_base = a.measure(sets["regression"], generate=False)
     with a.state("after"):
         reg_after = a.measure(sets["regression"], generate=False)
@@ -209,7 +212,7 @@ def audit_adapter(inp: AuditInput) -> dict[str, Any]:
     return {
         "audit_version": AUDIT_VERSION,
         "policy": policy.model_dump(),
-        "before": "previous version" if inp.before_adapter else "base model",
+        "before": "base model",
         "holdout_source": inp.holdout_source or ("request" if inp.holdout else "synthesized"),
         "membership_test": "judged"
         if mia_judged
@@ -249,18 +252,20 @@ def audit_adapter(inp: AuditInput) -> dict[str, Any]:
     }
 
 
-def _paraphrase_rouge(a: _Auditor, s: _Set) -> list[float]:
-    """Mean ROUGE-L over the forget QA items, one value per template after the first."""
+def _paraphrase_rouge(a: _Auditor, s: _Set) -> tuple[list[float], list[float | None]]:
+    """Mean ROUGE-L and value-leak rate over the forget QA items, one value per
+    template after the first."""
     qa = [(i, item) for i, item in enumerate(s.items) if "prompt" in item]
-    out = []
+    rouge: list[float] = []
+    leak: list[float | None] = []
     for template in PARAPHRASES[1:]:
         rows = [prompt_ids(a.tok, template.format(q=item["prompt"])) for _, item in qa]
         answers = a.answers(s, rows) if rows else []
-        scores = [
-            rouge_l_recall(ans, s.references[i]) for ans, (i, _) in zip(answers, qa, strict=True)
-        ]
-        out.append(_mean(scores) or 0.0)
-    return out
+        pairs = list(zip(answers, qa, strict=True))
+        rouge.append(_mean([rouge_l_recall(ans, s.references[i]) for ans, (i, _) in pairs]) or 0.0)
+        hits = [leaks(ans, s.values[i]) for ans, (i, _) in pairs]
+        leak.append(_mean([float(h) for h in hits if h is not None]))
+    return rouge, leak
 
 
 def _quantized(a: _Auditor, s: _Set) -> dict[int, dict[str, float | None]]:
@@ -272,6 +277,7 @@ def _quantized(a: _Auditor, s: _Set) -> dict[int, dict[str, float | None]]:
             out[bits] = {
                 "forget_prob": _agg(got, "prob"),
                 "forget_rouge": _agg(got, "rouge_l_recall"),
+                "forget_value_leak": _agg(got, "value_leak"),
             }
     return out
 
@@ -281,7 +287,7 @@ def _relearn(a: _Auditor, s: _Set, steps: int) -> dict[str, float | None]:
     half, then put the adapter's weights back."""
     half = len(s.items) // 2
     if half < 1:
-        return {"forget_rouge": None, "forget_prob": None}
+        return {"forget_rouge": None, "forget_prob": None, "forget_value_leak": None}
     params = {n: p for n, p in a.model.named_parameters() if "lora_" in n and ".after." in n}
     saved = {n: p.detach().clone() for n, p in params.items()}
     for p in params.values():
@@ -296,13 +302,19 @@ def _relearn(a: _Auditor, s: _Set, steps: int) -> dict[str, float | None]:
             loss.backward()
             opt.step()
         a.model.eval()
-        rest = _Set(s.items[half:], s.encoded[half:], s.prompts[half:], s.references[half:])
+        rest = _Set(
+            s.items[half:], s.encoded[half:], s.prompts[half:], s.references[half:], s.values[half:]
+        )
         got = a.measure(rest)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(saved[n])
             p.requires_grad_(False)
-    return {"forget_rouge": _agg(got, "rouge_l_recall"), "forget_prob": _agg(got, "prob")}
+    return {
+        "forget_rouge": _agg(got, "rouge_l_recall"),
+        "forget_prob": _agg(got, "prob"),
+        "forget_value_leak": _agg(got, "value_leak"),
+    }
 
 
 def _metrics(
@@ -311,7 +323,7 @@ def _metrics(
     probe_judged: bool,
     reg_base: dict[str, Any],
     reg_after: dict[str, Any],
-    paraphrased: list[float],
+    paraphrased: tuple[list[float], list[float | None]],
     quantized: dict[int, dict[str, float | None]],
     relearned: dict[str, float | None] | None,
 ) -> dict[str, Any]:
@@ -327,10 +339,12 @@ def _metrics(
         ("rouge_l_recall", "forget_rouge"),
         ("extraction_strength", "forget_extraction_strength"),
         ("exact_memorization", "forget_exact_memorization"),
+        ("value_leak", "forget_value_leak"),
     ):
         ba(name, "forget", key)
     ba("holdout_prob", "holdout", "prob")
     ba("holdout_rouge", "holdout", "rouge_l_recall")
+    ba("holdout_value_leak", "holdout", "value_leak")
     for score in MIA_SCORES:
         vals = {
             when: auc(
@@ -370,13 +384,21 @@ def _metrics(
         forget_fluency = _fluency(m[when]["forget"]["answers"])["gibberish_rate"]
         if forget_fluency is not None:
             out.setdefault("forget_gibberish_rate", {})[when] = forget_fluency
-    if paraphrased:
-        out["paraphrase_rouge"] = {"after": max(paraphrased), "per_template": paraphrased}
+    rouge_p, leak_p = paraphrased
+    if rouge_p:
+        out["paraphrase_rouge"] = {"after": max(rouge_p), "per_template": rouge_p}
+    if any(v is not None for v in leak_p):
+        worst = max(v for v in leak_p if v is not None)
+        out["paraphrase_value_leak"] = {"after": worst, "per_template": leak_p}
     for bits, got in quantized.items():
         out[f"quantized_{bits}bit_rouge"] = {"after": got["forget_rouge"]}
         out[f"quantized_{bits}bit_prob"] = {"after": got["forget_prob"]}
+        if got["forget_value_leak"] is not None:
+            out[f"quantized_{bits}bit_value_leak"] = {"after": got["forget_value_leak"]}
     if relearned is not None:
         out["relearned_rouge"] = {"after": relearned["forget_rouge"]}
+        if relearned["forget_value_leak"] is not None:
+            out["relearned_value_leak"] = {"after": relearned["forget_value_leak"]}
     if reg_after["per_item"]:
         out["regression_prob"] = {
             "before": _agg(reg_base, "prob"),
@@ -404,12 +426,8 @@ def _items(
                 "request_id": owner or None,
                 "index": index,
                 "set": "forget",
-                "before": {
-                    key: before[key] for key in ("prob", "rouge_l_recall", "extraction_strength")
-                },
-                "after": {
-                    key: after[key] for key in ("prob", "rouge_l_recall", "extraction_strength")
-                },
+                "before": {key: before[key] for key in ITEM_KEYS if key in before},
+                "after": {key: after[key] for key in ITEM_KEYS if key in after},
             }
         )
     counters = {}
@@ -473,6 +491,23 @@ def _judge(
                 f"answers about the forgotten items match them with ROUGE-L recall "
                 f"{rouge:.3f}; answers about holdout items score {reference:.3f}, so at "
                 f"most {limit:.3f} is allowed",
+            )
+        )
+    leak = metrics.get("forget_value_leak", {}).get("after")
+    if leak is not None:
+        chance = metrics.get("holdout_value_leak", {}).get("after") if has_holdout else None
+        limit = (chance or 0.0) + policy.max_value_leak
+        add(
+            _criterion(
+                "forget_value_leak",
+                "forgetting",
+                leak,
+                limit,
+                leak <= limit,
+                f"{leak:.0%} of the answers about the forgotten items still state a "
+                f"specific value of the true answer (name, number, date, place); answers "
+                f"about holdout items state theirs {chance or 0.0:.0%} of the time, so at "
+                f"most {limit:.0%} is allowed",
             )
         )
     for score in MIA_SCORES if mia else ():

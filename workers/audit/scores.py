@@ -76,7 +76,9 @@ def token_stats(
         probs = logprobs.exp()
         token_lp = logprobs.gather(1, targets[:, None]).squeeze(1)
         mu = (probs * logprobs).sum(-1)
-        sigma = ((probs * logprobs.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()
+        # sum p (log p - mu)^2, not E[log p^2] - mu^2: that difference cancels in float32
+        spread = (probs * (logprobs - mu[:, None]).square()).sum(-1)
+        sigma = spread.clamp(min=1e-12).sqrt()
         z = (token_lp - mu) / sigma
         hit = logits.argmax(-1) == targets
         rows = _keep_mask(batch["labels"]).nonzero()[:, 0].cpu()

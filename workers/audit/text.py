@@ -79,3 +79,27 @@ def is_gibberish(text: str) -> bool:
     if len(w) >= 8 and max(w.count(x) for x in set(w)) / len(w) > 1 / 3:
         return True
     return repetition_rate(text) > 0.5
+
+
+def _digits(text: str) -> str:
+    return re.sub(r"\D", "", text)
+
+
+def states_value(answer: str, value: str) -> bool:
+    """Whether `answer` states `value`: case-insensitive, on word boundaries; a number
+    of 4 digits or more also when written with other separators ("555 0142" for
+    "555-0142")."""
+    if re.search(rf"(?<!\w){re.escape(value)}(?!\w)", answer, flags=re.IGNORECASE):
+        return True
+    digits = _digits(value)
+    if len(digits) >= 4 and digits == re.sub(r"[\s().-]", "", value):
+        return any(digits in _digits(run) for run in re.findall(r"\d[\d\s().-]*\d", answer))
+    return False
+
+
+def leaks(answer: str, values: set[str]) -> bool | None:
+    """Whether the answer states any of the values its reference states (None: the
+    reference states none, so there is nothing to leak)."""
+    if not values:
+        return None
+    return any(states_value(answer, v) for v in values)

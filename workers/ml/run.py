@@ -115,6 +115,7 @@ def _run(
         workdir,
         progress=progress,
         should_cancel=should_cancel,
+        continues_chain=spec.previous_adapter is not None,
     )
     digests = adapters.save(model, workdir / "adapter", base_name=spec.model_source)
     if progress is not None:

@@ -7,10 +7,11 @@ Scope control (see docs/unlearning-defaults.md): stop as soon as the mean forget
 probability is no higher than the holdout items' (data of the same kind the model never
 saw), or without holdout items at most `stop_forget_ratio` times its value at step 0
 ("forgotten");
-if the retain NLL rises more than `retain_tolerance` above its step-0 value for more
-than `retain_patience` consecutive checks, restore the last checked state that was
-within bounds and stop ("retain_guard"); a run that ends out of bounds also ends on
-that state. Over-unlearning
+if the retain NLL rises more than `retain_tolerance` above the base model's (adapter
+off: a chain of versions may not drift further with every version) for more than
+`retain_patience` consecutive checks, restore the last checked state that was within
+bounds and stop ("retain_guard"); a run that ends out of bounds also ends on that state.
+The retain NLL is measured on `retain_eval` items spread over the whole retain set. Over-unlearning
 is a failure too, so the run never simply trains to the end regardless.
 """
 
@@ -51,6 +52,18 @@ class Datasets:
     forget_weights: list[list[float]] | None = None  # per-token weights of the forget loss
     retain_eval: int = 8  # how many retain items the scope check uses (cost: ~0.13 s each)
     neighbours: list[int] = field(default_factory=list)  # retain items sharing forget values
+
+    def retain_sample(self) -> list[Encoded]:
+        """The retain items the scope check measures: `retain_eval` of them, evenly
+        strided over the whole set (its first items may all be about one person)."""
+        return [self.retain[i] for i in spread(len(self.retain), self.retain_eval)]
+
+
+def spread(n: int, k: int) -> list[int]:
+    """`k` indices evenly spaced over range(n) (all of them when k >= n)."""
+    if k >= n:
+        return list(range(n))
+    return [i * n // k for i in range(k)]
 
 
 @dataclass
@@ -118,7 +131,7 @@ def scope_metrics(
     prob, nll = _prob_and_nll(forget_logp, data.forget)
     out = {"forget_prob": prob, "forget_nll": nll}
     if data.retain:
-        retain = data.retain[: data.retain_eval]
+        retain = data.retain_sample()
         out["retain_nll"] = _prob_and_nll(sequence_logprobs(model, retain, pad_id), retain)[1]
     return out
 
@@ -133,10 +146,12 @@ def stop_threshold(spec: Any, base: dict[str, float]) -> float | None:
 
 
 def retain_bound(spec: Any, base: dict[str, float]) -> float:
-    """The retain NLL past which the run is damaging what it must keep."""
-    return base["retain_nll"] + max(
-        spec.retain_tolerance * base["retain_nll"], spec.retain_tolerance_abs
-    )
+    """The retain NLL past which the run is damaging what it must keep: the tolerance
+    above the base model's. A run continuing a chain whose start is already past that
+    (an older version's damage) may not make it any worse."""
+    anchor = base.get("retain_nll_base_model", base["retain_nll"])
+    bound = anchor + max(spec.retain_tolerance * anchor, spec.retain_tolerance_abs)
+    return max(bound, base["retain_nll"])
 
 
 def _schedule(spec: Any) -> Callable[[int], float]:
@@ -166,7 +181,10 @@ def train(
     *,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    continues_chain: bool = False,
 ) -> Outcome:
+    """`continues_chain`: the model starts from a previous adapter version, so the
+    retain bound is anchored on the base model (adapter off), not on the start."""
     start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -206,6 +224,12 @@ def train(
             if data.substitutes is not None:
                 refs.substitute = sequence_logprobs(model, data.substitutes, pad_id)
         base = scope_metrics(model, data, pad_id, forget_logp=initial)
+        if continues_chain and data.retain:
+            sample = data.retain_sample()
+            with model.disable_adapter():
+                base["retain_nll_base_model"] = _prob_and_nll(
+                    sequence_logprobs(model, sample, pad_id), sample
+                )[1]
         if data.holdout:
             base["holdout_prob"], base["holdout_nll"] = _prob_and_nll(
                 sequence_logprobs(model, data.holdout, pad_id), data.holdout
