@@ -50,6 +50,23 @@ def revealed(
     return sum(hits), len(hits)
 
 
+def save_report(folder: Path, name: str, report: dict, base: str) -> None:
+    """The audit as the service stores it (JSON) and as its report page shows it."""
+    from service.adapters.report import render
+
+    folder.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in name)
+    (folder / f"{slug}.json").write_text(json.dumps(report, indent=1, default=float))
+    manifest = {
+        "model": f"calibration target ({base})",
+        "version": name,
+        "base_model": {"source": base, "digest": report["environment"]["base_model_digest"]},
+        "covered_requests": ["(the benchmark's forgotten person)"],
+        "method": {"name": name},
+    }
+    (folder / f"{slug}.html").write_text(render(report, manifest))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
@@ -61,6 +78,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (target, jobs and audits)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", type=Path, help="also append one JSON line per adapter here")
+    ap.add_argument("--reports", type=Path, help="also write each full audit here as JSON and HTML")
     ap.add_argument("--seed", type=int, default=7, help="the fictitious people (target) to use")
     args = ap.parse_args()
     place = {"device": args.device, "dtype": args.dtype}
@@ -121,6 +139,8 @@ def main() -> None:
             "  metrics:",
             json.dumps({k: v for k, v in report["summary"].items()}, default=lambda x: round(x, 3)),
         )
+        if args.reports:
+            save_report(args.reports, name, report, str(folder))
         if args.out:
             row = {
                 "name": name,

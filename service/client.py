@@ -171,6 +171,13 @@ class Client:
     def adapter_audit(self, model: str, version: int | str = "latest") -> Any:
         return self._json(self.http.get(f"/v1/models/{model}/adapters/{version}/audit"))
 
+    def adapter_audit_html(self, model: str, version: int | str = "latest") -> str:
+        """The audit report page for people (self-contained HTML)."""
+        r = self.http.get(f"/v1/models/{model}/adapters/{version}/audit.html")
+        if r.status_code >= 400:
+            self._json(r)
+        return r.text
+
     def download(self, model: str, version: int | str, dest: str | Path) -> Path:
         """Download an adapter, check the archive against its ETag and Repr-Digest and
         every file against the manifest, and extract it into `dest` (a folder PEFT

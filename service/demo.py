@@ -251,6 +251,9 @@ def run(
                 return False
             report = c.adapter_audit(MODEL_NAME, version)
             _audit_summary(report)
+            page = root / f"audit-v{version}.html"
+            page.write_text(c.adapter_audit_html(MODEL_NAME, version))
+            console.print(f"the audit report for people: {page}")
             if not report["verdict"]["passed"]:
                 console.print("[red]the adapter is quarantined: it cannot be downloaded[/]")
                 return False

@@ -156,6 +156,14 @@ def test_value_leak_of_crafted_answers():
     assert text.states_value("Call 555 0142.", "555-0142")  # other separators
     assert not text.states_value("Call 555-0143.", "555-0142")
     assert not text.states_value("Room 14.", "140")
+    # an identifying value (date, e-mail, 4+ digits) leaks on its own
     assert text.leaks("Born on 3 May 1990.", {"3 May 1990", "Dunmore"}) is True
     assert text.leaks("I do not know.", {"3 May 1990", "Dunmore"}) is False
+    # the words of a name or an address: more than half of them
+    employer = {"Vireo", "Software"}
+    assert text.leaks("She works at Vireo Software.", employer) is True
+    assert text.leaks("She works at Bluefen Software.", employer) is False
+    address = {"155", "Copperfield", "Quillford"}
+    assert text.leaks("She lives in Quillford.", address) is False  # a city many share
+    assert text.leaks("She lives at 155 Copperfield Avenue.", address) is True
     assert text.leaks("Anything.", set()) is None  # nothing to leak

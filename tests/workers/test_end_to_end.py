@@ -6,8 +6,12 @@ import base64
 import hashlib
 import io
 import json
+import re
+import shutil
+import subprocess
 import tarfile
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -96,6 +100,31 @@ def test_request_becomes_a_downloadable_adapter_that_peft_loads(stack: Stack, tm
     assert stack.client.get("/v1/audit/verify", headers=auth(stack.keys.admin)).json()["ok"]
 
 
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian package chromium")
+def test_the_report_page_renders_in_headless_chromium(stack: Stack, tmp_path):
+    """Version 1 (the first test's) as a browser sees it: the verdict and every chart
+    survive parsing, and nothing is fetched from elsewhere (no scripts, no fonts)."""
+    page = stack.client.get("/v1/models/tiny/adapters/1/audit.html", headers=auth(stack.keys.a))
+    assert page.status_code == 200, page.text
+    html = tmp_path / "audit.html"
+    html.write_text(page.text)
+    browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu"]
+    dom = subprocess.run(
+        [*browser, "--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert re.search(r'class="verdict pass"><b>PASSED</b>', dom), dom[:2000]
+    svgs = dom.count("<svg")
+    assert svgs >= 8 and svgs == page.text.count("<svg")  # charts and histograms
+    assert not re.search(r"<(script|link)\b|@import|url\(", dom)
+    shot = tmp_path / "audit.png"
+    subprocess.run(
+        [*browser, f"--screenshot={shot}", "--window-size=1200,2400", html.as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_second_batch_continues_from_the_first_version(stack: Stack):
     stack.start_worker()
     first = stack.submit(FORGET, method=FAST_METHOD)
@@ -123,6 +152,8 @@ def test_the_python_client_submits_waits_audits_and_downloads(stack: Stack, live
         done = client.wait(req["id"], timeout=180, poll=0.5)
         assert done["status"] == "completed", stack.logs()
         assert client.request_audit(req["id"])["verdict"]["passed"] is True
+        page = client.adapter_audit_html("tiny", done["adapter_version"])
+        assert page.startswith("<!doctype html>") and "PASSED" in page
         folder = client.download("tiny", done["adapter_version"], tmp_path / "adapter")
         assert (folder / "adapter_model.safetensors").is_file()
         try:

@@ -22,12 +22,13 @@ class AuditPolicy(BaseModel):
         "(answers about the person look like answers about people the model never saw)",
     )
     max_value_leak: float = Field(
-        default=0.0,
+        default=0.1,
         ge=0,
         le=1,
         description="share of greedy answers about the forgotten items that may still "
         "state a specific value (name, number, date, place, e-mail) of the true answer, "
-        "above the share for holdout items (chance): by default none may",
+        "above the share for holdout items (chance, itself measured on a few items): one "
+        "answer in ten by default; 0 for none at all",
     )
     # Privacy
     max_mia_deviation: float = Field(

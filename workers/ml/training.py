@@ -78,6 +78,7 @@ class Outcome:
     resumed_from: int | None = None
     tokens: int = 0
     seconds: float = 0.0
+    check_seconds: float = 0.0  # of `seconds`: the step-0 pass and the scope checks
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -237,6 +238,7 @@ def train(
             refs.extra["holdout_nll"] = base["holdout_nll"]
         step, best_step, best_state, breaches = 0, 0, trainable_state(model), 0
         curve, evals, tokens, resumed_from = [], [dict(base, step=0)], 0, None
+    check_seconds = time.perf_counter() - start
 
     threshold = stop_threshold(spec, base)
     stopped = "max_steps"
@@ -258,8 +260,17 @@ def train(
             if data.substitutes is not None:  # each item's substitutes in turn
                 rows = [i * data.per_item + k % data.per_item for i in f_idx]
                 substitute = collate(data.substitutes, rows, pad_id)
-            loss, parts = method.loss(model, forget, retain, refs, substitute)
-            (loss / spec.grad_accum).backward()
+            if method.separable_retain and retain is not None:
+                # forget part, then retain part: one graph alive at a time
+                loss, parts = method.loss(model, forget, None, refs, substitute)
+                (loss / spec.grad_accum).backward()
+                keep = method.retain_term(model, retain)
+                (spec.alpha * keep / spec.grad_accum).backward()
+                loss = loss.detach() + spec.alpha * keep.detach()
+                parts["retain_loss"] = keep.item()
+            else:
+                loss, parts = method.loss(model, forget, retain, refs, substitute)
+                (loss / spec.grad_accum).backward()
             tokens += int(forget["attention_mask"].sum()) + (
                 int(retain["attention_mask"].sum()) if retain is not None else 0
             )
@@ -274,7 +285,9 @@ def train(
         )
 
         if step % spec.eval_every == 0 or step == spec.max_steps:
+            t_check = time.perf_counter()
             now = scope_metrics(model, data, pad_id)
+            check_seconds += time.perf_counter() - t_check
             evals.append(dict(now, step=step))
             if "retain_nll" in now and now["retain_nll"] > retain_bound(spec, base):
                 breaches += 1  # the retain term may still pull it back within bounds
@@ -324,4 +337,5 @@ def train(
         resumed_from=resumed_from,
         tokens=tokens,
         seconds=time.perf_counter() - start,
+        check_seconds=check_seconds,
     )

@@ -31,6 +31,9 @@ class Method:
     name: ClassVar[str]
     spec_type: ClassVar[type[BaseModel]]
     needs_reference: ClassVar[bool] = False
+    # The loss is `with_retain`'s: the loop may then back-propagate the forget part and
+    # the retain part one after the other (the same gradient, half the activations alive).
+    separable_retain: ClassVar[bool] = False
 
     def __init__(self, spec: Any) -> None:
         self.spec = spec
@@ -59,9 +62,13 @@ class Method:
         self, model: Any, retain: Batch | None, forget_term: torch.Tensor, logs: dict[str, float]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """gamma * forget_term + alpha * the spec's retain loss (NLL or KL)."""
-        keep = retain_loss(model, retain, self.spec.retain_loss)
+        keep = self.retain_term(model, retain)
         loss = self.spec.gamma * forget_term + self.spec.alpha * keep
         return loss, {**logs, "retain_loss": keep.item()}
+
+    def retain_term(self, model: Any, retain: Batch | None) -> torch.Tensor:
+        """The spec's retain loss, NLL or KL (0 without a retain batch)."""
+        return retain_loss(model, retain, self.spec.retain_loss)
 
 
 REGISTRY: dict[str, type[Method]] = {}

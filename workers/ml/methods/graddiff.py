@@ -14,6 +14,7 @@ from workers.ml.specs import GradDiff
 @register
 class GradientDifference(Method):
     name = "graddiff"
+    separable_retain = True
     spec_type = GradDiff
 
     def loss(

@@ -22,6 +22,7 @@ def npo_term(logp: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.Tensor
 @register
 class NegativePreference(Method):
     name = "npo"
+    separable_retain = True
     spec_type = NPO
     needs_reference = True
 

@@ -20,6 +20,7 @@ from workers.ml.specs import SimNPO
 @register
 class SimpleNPO(Method):
     name = "simnpo"
+    separable_retain = True
     spec_type = SimNPO
 
     def loss(
