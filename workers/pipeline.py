@@ -194,18 +194,28 @@ def _earlier_requests(session: Session, model_id: str) -> list[ErasureRequest]:
     )
 
 
-def method_for_round(method: dict[str, Any], rnd: int) -> dict[str, Any]:
+def method_for_round(method: dict[str, Any], rnd: int, *, overshot: bool = False) -> dict[str, Any]:
     """The settings of audit retry `rnd` (0: as asked). A retry puts the forget loss on
     the person's specific values (measured on the built-in model: lower forget
-    probability for the same damage to retain data, see docs/audit.md), doubles the
-    steps, and checks the retain guard on more items. It keeps the learning rate: a
-    faster run only trips the retain guard sooner, which rolls it back further."""
+    probability for the same damage to retain data, see docs/audit.md), checks the
+    retain guard on more items, and runs twice the steps. After a round that *overshot*
+    (a membership AUC far under 0.5: the forgotten items became much less likely than
+    never-seen ones, so the erasure itself shows) it also halves the learning rate, so
+    the stop rule catches the holdout level before the run passes it; otherwise it
+    keeps the learning rate: a faster run only trips the retain guard sooner."""
     out = dict(method)
     if rnd > 0:
         out["forget_weighting"] = "values"
         out["max_steps"] = min(10_000, out["max_steps"] * 2**rnd)
         out["retain_eval_items"] = max(out.get("retain_eval_items", 8), 32)
+        if overshot:
+            out["lr"] = out["lr"] / 2**rnd
     return out
+
+
+def overshot(audit: dict[str, Any]) -> bool:
+    """Whether the audit failed a membership test on the low side (docs/audit.md)."""
+    return any(c["group"] == "privacy" and c["value"] < 0.5 for c in audit["verdict"]["failed"])
 
 
 # ---- liveness ------------------------------------------------------------------------
@@ -334,7 +344,7 @@ def _execute(
         if rnd > inp.audit_rounds:
             _set_audit_round(job_id, worker_id, rnd)
         _advance(job_id, worker_id, J.TRAINING, 0.05)
-        method = method_for_round(inp.method, rnd)
+        method = method_for_round(inp.method, rnd, overshot=bool(audit) and overshot(audit))
         result = _train(inp, method, previous, workdir / f"round{rnd}", beat, settings)
         _advance(job_id, worker_id, J.EVALUATING, 0.85)
         audit = audit_adapter(
