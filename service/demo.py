@@ -204,7 +204,7 @@ def run(
     root: Path = Path("var/demo"),
     n_customers: int = 12,
     forget_index: int = 0,
-    epochs: float = 4.0,
+    epochs: float = 6.0,
     lr: float = 2e-4,
 ) -> bool:
     """The story; returns whether the forgotten customer's facts are gone and the other
@@ -215,7 +215,7 @@ def run(
     t_start = time.perf_counter()
     people = customers(n_customers)
     gone, kept = people[forget_index], people[(forget_index + 1) % len(people)]
-    assistant = root / "assistant"
+    assistant = root / f"assistant-e{epochs:g}-lr{lr:g}"  # a cache per recipe
 
     t0 = _stage("1. the customer support assistant")
     info = build_assistant(assistant, people, epochs, lr)

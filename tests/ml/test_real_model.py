@@ -24,8 +24,8 @@ def _hits(model, tok, person) -> tuple[int, list[str]]:
     strict=False,
     reason="measured 2026-11-28 with the first-round default (npo, lr 5e-4, 16 steps): 11 "
     "of the 20 answers about the forgotten person still stated the secret value. The "
-    "second-round default leaves 2 of 20 on the 8-person benchmark target (docs/audit.md); "
-    "this 3-person target is not re-measured yet",
+    "third-round default leaves 1-2 of 20 on two 8-person benchmark targets "
+    "(docs/audit.md); this 3-person target is not re-measured with it yet",
 )
 def test_unlearning_one_person_on_the_builtin_model(tmp_path):
     people = synthetic.people(3, seed=11)

@@ -102,8 +102,11 @@ def test_request_becomes_a_downloadable_adapter_that_peft_loads(stack: Stack, tm
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian package chromium")
 def test_the_report_page_renders_in_headless_chromium(stack: Stack, tmp_path):
-    """Version 1 (the first test's) as a browser sees it: the verdict and every chart
-    survive parsing, and nothing is fetched from elsewhere (no scripts, no fonts)."""
+    """A real run's report as a browser sees it: the verdict and every chart survive
+    parsing, and nothing is fetched from elsewhere (no scripts, no fonts)."""
+    stack.start_worker()
+    done = stack.wait_status(stack.submit(FORGET, method=FAST_METHOD), {"completed", "failed"})
+    assert done["status"] == "completed", (done, stack.logs())
     page = stack.client.get("/v1/models/tiny/adapters/1/audit.html", headers=auth(stack.keys.a))
     assert page.status_code == 200, page.text
     html = tmp_path / "audit.html"
