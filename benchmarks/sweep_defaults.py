@@ -28,9 +28,9 @@ def main() -> None:
         name, *pairs = config.split()
         overrides = {a: json.loads(b) for a, b in (p.split("=", 1) for p in pairs)}
         # "default": the engine's default method with these overrides
-        method = {**DEFAULT_METHOD, **overrides} if name == "default" else {"name": name}
+        base = DEFAULT_METHOD if name == "default" else {"name": name}
         result, row = unlearn_first_person(
-            folder, people, method | overrides, BENCH_DIR / "sweep" / str(k)
+            folder, people, {**base, **overrides}, BENCH_DIR / "sweep" / str(k)
         )
         row = {"config": config, **row}
         out = result.record["outcome"]

@@ -89,6 +89,16 @@ class _Set:
                 refs.append(item["completion"])
         return cls(items, encoded, prompts, refs, [specific_values(i) for i in items])
 
+    def since(self, start: int) -> _Set:
+        """The items from `start` on."""
+        return _Set(
+            self.items[start:],
+            self.encoded[start:],
+            self.prompts[start:],
+            self.references[start:],
+            self.values[start:],
+        )
+
 
 def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
@@ -302,10 +312,7 @@ def _relearn(a: _Auditor, s: _Set, steps: int) -> dict[str, float | None]:
             loss.backward()
             opt.step()
         a.model.eval()
-        rest = _Set(
-            s.items[half:], s.encoded[half:], s.prompts[half:], s.references[half:], s.values[half:]
-        )
-        got = a.measure(rest)
+        got = a.measure(s.since(half))
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(saved[n])

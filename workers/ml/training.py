@@ -11,8 +11,8 @@ if the retain NLL rises more than `retain_tolerance` above the base model's (ada
 off: a chain of versions may not drift further with every version) for more than
 `retain_patience` consecutive checks, restore the last checked state that was within
 bounds and stop ("retain_guard"); a run that ends out of bounds also ends on that state.
-The retain NLL is measured on `retain_eval` items spread over the whole retain set. Over-unlearning
-is a failure too, so the run never simply trains to the end regardless.
+The retain NLL is measured on `retain_eval` items spread over the whole retain set.
+Over-unlearning is a failure too, so the run never simply trains to the end regardless.
 """
 
 from __future__ import annotations
@@ -260,17 +260,9 @@ def train(
             if data.substitutes is not None:  # each item's substitutes in turn
                 rows = [i * data.per_item + k % data.per_item for i in f_idx]
                 substitute = collate(data.substitutes, rows, pad_id)
-            if method.separable_retain and retain is not None:
-                # forget part, then retain part: one graph alive at a time
-                loss, parts = method.loss(model, forget, None, refs, substitute)
-                (loss / spec.grad_accum).backward()
-                keep = method.retain_term(model, retain)
-                (spec.alpha * keep / spec.grad_accum).backward()
-                loss = loss.detach() + spec.alpha * keep.detach()
-                parts["retain_loss"] = keep.item()
-            else:
-                loss, parts = method.loss(model, forget, retain, refs, substitute)
-                (loss / spec.grad_accum).backward()
+            loss, parts = method.backward(
+                model, forget, retain, refs, substitute, scale=1 / spec.grad_accum
+            )
             tokens += int(forget["attention_mask"].sum()) + (
                 int(retain["attention_mask"].sum()) if retain is not None else 0
             )

@@ -70,6 +70,31 @@ class Method:
         """The spec's retain loss, NLL or KL (0 without a retain batch)."""
         return retain_loss(model, retain, self.spec.retain_loss)
 
+    def backward(
+        self,
+        model: Any,
+        forget: Batch,
+        retain: Batch | None,
+        refs: References,
+        substitute: Batch | None = None,
+        scale: float = 1.0,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Back-propagate `scale` x the loss; return the (detached) loss and its parts.
+        A separable loss goes back in two passes, forget part then retain part, so only
+        one autograd graph is alive at a time."""
+        if not (self.separable_retain and retain is not None):
+            loss, parts = self.loss(model, forget, retain, refs, substitute)
+            (scale * loss).backward()
+            return loss.detach(), parts
+        loss, parts = self.loss(model, forget, None, refs, substitute)
+        (scale * loss).backward()
+        keep = self.retain_term(model, retain)
+        (scale * self.spec.alpha * keep).backward()
+        return loss.detach() + self.spec.alpha * keep.detach(), {
+            **parts,
+            "retain_loss": keep.item(),
+        }
+
 
 REGISTRY: dict[str, type[Method]] = {}
 
