@@ -252,6 +252,11 @@ def test_invalid_default_method_is_422(client, keys, unchanged):
     assert_problem(r, 422, "default_method.rmu.layer")
 
 
+def test_out_of_range_audit_policy_is_422(client, keys, unchanged):
+    r = _register(client, keys.admin, name="m1", audit_policy={"max_value_leak": 2})
+    assert_problem(r, 422, "audit_policy.max_value_leak")
+
+
 def test_model_folder_with_config_json_registers_and_lists(client, keys, tmp_path, db):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     before = _rows(db)
