@@ -208,8 +208,12 @@ def up(
         f"[bold]API on http://{host}:{port}[/] (docs at /docs); dispatcher"
         f"{' and one worker' if child else ''} running. Ctrl-C stops."
     )
+    # uvicorn handles SIGINT/SIGTERM itself, then re-raises the signal once the server
+    # has stopped. SIGTERM's default action would end this process on the spot, before
+    # the `finally` below stops the worker (it went on running, holding its job): turn
+    # it into an exception instead, as SIGINT already is.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        # uvicorn handles SIGINT/SIGTERM itself and returns when asked to stop.
         uvicorn.run(
             "service.main:create_app",
             factory=True,
@@ -231,6 +235,10 @@ def up(
                 child.wait()
         loop.join(timeout=30)
         console.print("stopped")
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @app.command("verify-trail")

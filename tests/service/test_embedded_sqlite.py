@@ -154,3 +154,63 @@ def test_cli_and_api_end_to_end_on_the_embedded_defaults(tmp_path):
         ).fetchall()
     assert [name for name, _ in rows] == ["unlearning"]
     assert req["job_id"] in rows[0][1]
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A reaped-late zombie counts as gone: it runs nothing and holds no job.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_up_stops_its_worker_when_terminated(tmp_path):
+    """`unlearn up` under a process manager gets SIGTERM, not Ctrl-C: the worker it
+    started must stop with it rather than run on holding a job."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "BROKER_URL", "DATA_ENCRYPTION_KEY", "ENVIRONMENT")
+    }
+    env["PYTHONPATH"] = os.getcwd()
+    port = free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "up", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        workers = _children(up.pid)
+        assert workers, "unlearn up started no worker"
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "the worker outlived `unlearn up`"
+    finally:
+        if up.poll() is None:
+            up.kill()
+        for w in workers:
+            if _alive(w):
+                os.killpg(w, signal.SIGKILL)  # the worker leads its own process group
