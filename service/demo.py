@@ -64,7 +64,7 @@ def build_assistant(folder: Path, people: list[Any], epochs: float, lr: float) -
 
     marker = folder / "demo.json"
     if marker.is_file():
-        return dict(json.loads(marker.read_text()))
+        return {**json.loads(marker.read_text()), "cached": True}
     items = [i for p in people for i in customer_items(p)]
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("fine-tuning", total=None)
@@ -219,7 +219,10 @@ def run(
 
     t0 = _stage("1. the customer support assistant")
     info = build_assistant(assistant, people, epochs, lr)
-    _done(t0, f"{info['customers']} customers, {info['items']} records, {info['steps']} steps")
+    how = f"{info['customers']} customers, {info['items']} records, {info['steps']} steps"
+    if info.get("cached"):
+        how += f" (fine-tuned in {info['seconds']:.0f} s by an earlier run; cached in {assistant})"
+    _done(t0, how)
     questions = [i["prompt"] for i in customer_items(gone, (0,)) + customer_items(kept, (0,))]
     before = answers(assistant, questions)
     secrets = synthetic.fact_secrets(gone, FACTS) + synthetic.fact_secrets(kept, FACTS)

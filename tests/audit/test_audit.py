@@ -9,14 +9,20 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from tests.ml.targets import FORGET, RETAIN
+from tests.ml.targets import FORGET, RETAIN, TINY_ANSWER_GUARD_OFF
 from workers.audit.policy import AuditPolicy
 from workers.audit.run import AuditInput, audit_adapter
 from workers.ml import loading
 from workers.ml.run import run_job
 from workers.ml.specs import JobSpec
 
-UNLEARN = {"name": "simnpo", "lr": 5e-3, "max_steps": 30, "eval_every": 2}
+UNLEARN = {
+    "name": "simnpo",
+    "lr": 5e-3,
+    "max_steps": 30,
+    "eval_every": 2,
+    **TINY_ANSWER_GUARD_OFF,
+}
 
 
 def _adapter(target: str, folder: Path, *, scramble: bool) -> Path:
@@ -61,6 +67,8 @@ def test_the_base_model_fails_the_audit(tiny_target, tmp_path):
     assert "utility" not in _groups(report) and "fluency" not in _groups(report)
     leak = report["metrics"]["forget_value_leak"]
     assert leak["after"] == leak["before"] > 0 and "forget_value_leak" in _failed(report)
+    kept = report["metrics"]["retain_answers_kept"]
+    assert kept["answers"] > 0 and kept["after"] == 1.0  # the base model breaks no answer
 
 
 def test_a_gibberish_model_fails_utility_and_fluency(tiny_target, tmp_path):
@@ -74,6 +82,7 @@ def test_a_gibberish_model_fails_utility_and_fluency(tiny_target, tmp_path):
     )
     assert report["verdict"]["passed"] is False
     assert {"utility", "fluency"} <= _groups(report), report["verdict"]["failed"]
+    assert "retain_answers_kept" in _failed(report)  # the retain answers broke too
     assert (
         report["metrics"]["gibberish_rate"]["after"] > report["metrics"]["gibberish_rate"]["before"]
     )

@@ -23,6 +23,7 @@ FAST = {
     "stop_target": "ratio",
     "stop_forget_ratio": None,  # never stop early for forgetting
     "retain_tolerance": 1.0,
+    "retain_answers_tolerance": None,  # the guards are tested on their own, below
 }
 # Measured on the tiny target (see the sweep in docs/unlearning-defaults.md): the
 # likelihood-pushing methods move 2-3x faster than the bounded or indirect ones.
@@ -398,3 +399,51 @@ def test_separate_backward_passes_give_the_joint_losses_gradient(tiny_target, na
         torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(joint, split, strict=True)
     )
     assert any(g.abs().sum() > 0 for g in split)
+
+
+def test_exact_flags_say_whether_the_greedy_answer_is_the_target(tiny_target):
+    """`sequence_logp_exact` reads from one teacher-forced pass what a greedy decode
+    would answer: the flag is true exactly when the decode reproduces the target."""
+    from workers.ml.data import collate, encode_all
+    from workers.ml.evaluate import greedy_answers
+    from workers.ml.losses import sequence_logp_exact
+
+    base, tok = loading.load(loading.resolve(tiny_target), loading.pick_placement("cpu"))
+    items = RETAIN + FORGET
+    enc = encode_all(tok, items, 128)
+    _, exact = sequence_logp_exact(base, collate(enc, list(range(len(enc))), tok.pad_token_id))
+    answers = greedy_answers(base, tok, [i["prompt"] for i in items], max_new_tokens=48)
+    decoded = [a.strip() == i["completion"].strip() for a, i in zip(answers, items, strict=True)]
+    assert 0 < sum(exact) < len(items)  # the test can tell the two cases apart
+    assert exact.tolist() == decoded
+
+
+def test_the_answer_guard_rolls_back_before_a_retain_answer_breaks(tiny_target, tmp_path):
+    """Gradient ascent with a loose NLL bound breaks retain answers; with the answer
+    guard at 0 the run ends on a state that still gives every guarded answer."""
+    loose = {"max_steps": 24, "lr": 5e-3, "retain_tolerance": 3.0, "retain_tolerance_abs": 3.0}
+    off = run_job(spec_for(tiny_target, "ga", retain_answers_tolerance=None, **loose), tmp_path)
+    on = run_job(
+        spec_for(tiny_target, "ga", retain_answers_tolerance=0.0, **loose), tmp_path / "on"
+    )
+    o_off, o_on = off.record["outcome"], on.record["outcome"]
+    assert o_on["base"]["retain_intact"] > 0
+    assert min(e["retain_kept"] for e in o_off["evals"] if "retain_kept" in e) < 1.0
+    assert o_on["stopped"] == "retain_guard"
+    assert o_on["final"]["retain_kept"] == 1.0
+    assert o_on["final"]["forget_nll"] > o_on["base"]["forget_nll"]  # it did unlearn some
+
+
+def test_answer_guard_bounds():
+    from workers.ml.training import retain_breached
+
+    spec = specs.GA(retain_answers_tolerance=0.1, retain_tolerance_abs=1.0)
+    base = {"retain_nll": 0.1}
+    assert not retain_breached(spec, base, {"retain_nll": 0.2, "retain_kept": 0.9})
+    assert retain_breached(spec, base, {"retain_nll": 0.2, "retain_kept": 0.85})
+    assert retain_breached(spec, base, {"retain_nll": 1.5, "retain_kept": 1.0})  # NLL bound
+    # a chain whose start already lost answers may lose no more than it had
+    assert not retain_breached(spec, {**base, "retain_kept": 0.8}, {"retain_kept": 0.8})
+    assert retain_breached(spec, {**base, "retain_kept": 0.8}, {"retain_kept": 0.75})
+    off = specs.GA(retain_answers_tolerance=None)
+    assert not retain_breached(off, base, {"retain_nll": 0.1, "retain_kept": 0.0})

@@ -23,12 +23,24 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import REDIS_URL, Keys, auth, mint_keys, submit
-from tests.ml.targets import FORGET, FORGET_B, RETAIN, TINY_AUDIT_POLICY
+from tests.ml.targets import (
+    FORGET,
+    FORGET_B,
+    RETAIN,
+    TINY_ANSWER_GUARD_OFF,
+    TINY_AUDIT_POLICY,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 # SimNPO: on the tiny target it passes the standard audit within 30 steps (measured:
 # forget probability 0.86 -> 0.14, retain NLL unchanged), where NPO needs far more.
-FAST_METHOD = {"name": "simnpo", "lr": 5e-3, "max_steps": 30, "eval_every": 2}
+FAST_METHOD = {
+    "name": "simnpo",
+    "lr": 5e-3,
+    "max_steps": 30,
+    "eval_every": 2,
+    **TINY_ANSWER_GUARD_OFF,
+}
 # Enough steps (about 12 s) that a test can act while the job trains.
 SLOW_METHOD = {
     "name": "simnpo",
@@ -37,6 +49,7 @@ SLOW_METHOD = {
     "eval_every": 100,
     "checkpoint_every": 25,
     "stop_forget_ratio": None,
+    **TINY_ANSWER_GUARD_OFF,
 }
 
 

@@ -52,6 +52,15 @@ class AuditPolicy(BaseModel):
         "or by `retain_nll_slack` nats, whichever is larger (the engine's retain guard)",
     )
     retain_nll_slack: float = Field(default=0.1, ge=0)
+    min_retain_answers_kept: float = Field(
+        default=0.9,
+        ge=0,
+        le=1,
+        description="of the retain sample's greedy answers that stated their values before "
+        "(a kept customer's phone number, say), the share that must still state them: one "
+        "broken answer in ten at most by default; a mean retain NLL barely moves when one "
+        "answer breaks",
+    )
     min_probe_ratio: float = Field(
         default=0.9, ge=0, le=1, description="general-knowledge accuracy after / before, at least"
     )

@@ -34,7 +34,7 @@ from workers.ml.losses import mean_nll
 from workers.ml.training import spread
 from workers.ml.values import specific_values
 
-AUDIT_VERSION = "3"  # 3: before is always the base model; retain items spread over the set
+AUDIT_VERSION = "4"  # 4: retain answers judged one by one (3: base-model before, spread sample)
 RETAIN_SAMPLE = 24  # retain items measured, strided over the set (cost grows with them)
 # per-item values a request's own audit shows (value_leak: only items stating values)
 ITEM_KEYS = ("prob", "rouge_l_recall", "extraction_strength", "value_leak")
@@ -365,6 +365,19 @@ def _metrics(
     ba("retain_nll", "retain", "nll")
     ba("retain_prob", "retain", "prob")
     ba("retain_rouge", "retain", "rouge_l_recall")
+    # Per answer: of the retain answers that stated their values before, how many still do.
+    stated = [
+        (b.get("value_leak"), a.get("value_leak"))
+        for b, a in zip(
+            m["before"]["retain"]["per_item"], m["after"]["retain"]["per_item"], strict=True
+        )
+    ]
+    known = [after for before, after in stated if before == 1.0]
+    if known:
+        out["retain_answers_kept"] = {
+            "after": sum(a == 1.0 for a in known) / len(known),
+            "answers": len(known),
+        }
     if probe_hits:
         out["probe_accuracy"] = {w: sum(h) / len(h) for w, h in probe_hits.items()}
     for when in ("before", "after"):
@@ -551,6 +564,20 @@ def _judge(
                 rise <= allowed,
                 f"retain NLL rose by {rise:+.3f} nats from {r['before']:.3f} "
                 f"(at most {allowed:.3f} allowed)",
+            )
+        )
+    kept = metrics.get("retain_answers_kept")
+    if kept is not None:
+        add(
+            _criterion(
+                "retain_answers_kept",
+                "utility",
+                kept["after"],
+                policy.min_retain_answers_kept,
+                kept["after"] >= policy.min_retain_answers_kept,
+                f"{kept['after']:.0%} of the {kept['answers']} retain answers that stated "
+                f"their values before still state them (at least "
+                f"{policy.min_retain_answers_kept:.0%} required)",
             )
         )
     p = metrics.get("probe_accuracy")

@@ -74,6 +74,19 @@ def sequence_stats(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return total, -total / count
 
 
+def sequence_logp_exact(
+    model: Any, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log p(y|x) per example, and whether every target token is the model's top
+    choice: then greedy decoding from the prompt gives exactly y (the answer is intact)."""
+    logits, targets = kept_logits(model, batch)
+    logp = -F.cross_entropy(logits.float(), targets, reduction="none")
+    miss = (logits.argmax(-1) != targets).to(logp.dtype)
+    rows = _keep_mask(batch["labels"]).nonzero()[:, 0].to(logp.device)
+    zeros = torch.zeros(batch["labels"].shape[0], device=logp.device, dtype=logp.dtype)
+    return zeros.index_add(0, rows, logp), zeros.index_add(0, rows, miss) == 0
+
+
 def mean_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Token-weighted mean NLL over the batch (the usual language-model loss)."""
     logp, _, weights = target_logprobs(model, batch)

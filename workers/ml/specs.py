@@ -125,6 +125,15 @@ class _MethodBase(BaseModel):
         description="nats; a relative bound alone is hypersensitive when the retain data "
         "is memorised (NLL near 0)",
     )
+    retain_answers_tolerance: float | None = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of the retain sample's answers that the base model gives word "
+        "for word (every token its top choice) which the run may break before it counts as "
+        "past the retain bound, like the NLL bound; a mean NLL barely moves when one "
+        "answer breaks. None: not guarded",
+    )
 
 
 class GA(_MethodBase):

@@ -28,13 +28,13 @@ from typing import Any
 import torch
 
 from workers.ml.data import BatchOrder, Encoded, collate
-from workers.ml.losses import sequence_stats
+from workers.ml.losses import sequence_logp_exact, sequence_stats
 from workers.ml.methods.base import Method, References
 
 ProgressFn = Callable[[float, dict[str, float]], None]
 CancelFn = Callable[[], bool]
 CHECKPOINT = "checkpoint.pt"
-SCOPE_KEYS = ("forget_prob", "forget_nll", "retain_nll")  # what scope_metrics measures
+SCOPE_KEYS = ("forget_prob", "forget_nll", "retain_nll", "retain_kept")  # scope_metrics
 
 
 class Canceled(Exception):
@@ -122,18 +122,49 @@ def _prob_and_nll(logp_sum: torch.Tensor, encoded: list[Encoded]) -> tuple[float
 
 
 @torch.no_grad()
+def retain_state(model: Any, data: Datasets, pad_id: int) -> tuple[float, list[bool]]:
+    """On the retain sample: the mean NLL, and per item whether the model still gives its
+    answer word for word (every target token its top choice). One broken answer barely
+    moves a mean NLL (the demo lost a kept customer's phone number that way)."""
+    sample = data.retain_sample()
+    was_training = model.training
+    model.eval()
+    logps, exact = [], []
+    for start in range(0, len(sample), 8):
+        idx = list(range(start, min(start + 8, len(sample))))
+        logp, ok = sequence_logp_exact(model, collate(sample, idx, pad_id))
+        logps.append(logp.float().cpu())
+        exact += ok.cpu().tolist()
+    model.train(was_training)
+    return _prob_and_nll(torch.cat(logps), sample)[1], exact
+
+
+def kept_share(intact: list[bool], exact: list[bool]) -> float | None:
+    """Of the answers the base model gives word for word, the share still given so."""
+    n = sum(intact)
+    return sum(a and b for a, b in zip(intact, exact, strict=True)) / n if n else None
+
+
+@torch.no_grad()
 def scope_metrics(
-    model: Any, data: Datasets, pad_id: int, forget_logp: torch.Tensor | None = None
+    model: Any,
+    data: Datasets,
+    pad_id: int,
+    forget_logp: torch.Tensor | None = None,
+    intact: list[bool] | None = None,
 ) -> dict[str, float]:
-    """Mean forget probability exp(-NLL) and NLL, and mean retain NLL (per-item token
-    averages). `forget_logp` reuses log-probs already computed for this state."""
+    """Mean forget probability exp(-NLL) and NLL, mean retain NLL (per-item token
+    averages) and, given the base model's `intact` answers, the share of them kept.
+    `forget_logp` reuses log-probs already computed for this state."""
     if forget_logp is None:
         forget_logp = sequence_logprobs(model, data.forget, pad_id)
     prob, nll = _prob_and_nll(forget_logp, data.forget)
     out = {"forget_prob": prob, "forget_nll": nll}
     if data.retain:
-        retain = data.retain_sample()
-        out["retain_nll"] = _prob_and_nll(sequence_logprobs(model, retain, pad_id), retain)[1]
+        out["retain_nll"], exact = retain_state(model, data, pad_id)
+        kept = kept_share(intact, exact) if intact is not None else None
+        if kept is not None:
+            out["retain_kept"] = kept
     return out
 
 
@@ -153,6 +184,18 @@ def retain_bound(spec: Any, base: dict[str, float]) -> float:
     anchor = base.get("retain_nll_base_model", base["retain_nll"])
     bound = anchor + max(spec.retain_tolerance * anchor, spec.retain_tolerance_abs)
     return max(bound, base["retain_nll"])
+
+
+def retain_breached(spec: Any, base: dict[str, float], now: dict[str, float]) -> bool:
+    """Past the retain NLL bound, or more of the base model's word-for-word retain answers
+    broken than `retain_answers_tolerance` allows (a chain whose start already lost more
+    may lose no further)."""
+    if "retain_nll" in now and now["retain_nll"] > retain_bound(spec, base):
+        return True
+    if spec.retain_answers_tolerance is None or "retain_kept" not in now:
+        return False
+    floor = min(1.0 - spec.retain_answers_tolerance, base.get("retain_kept", 1.0))
+    return now["retain_kept"] < floor - 1e-9
 
 
 def _schedule(spec: Any) -> Callable[[int], float]:
@@ -208,7 +251,7 @@ def train(
         scheduler.load_state_dict(ck["scheduler"])
         step, refs, base = ck["step"], ck["refs"], ck["base"]
         best_state, best_step = ck["best_state"], ck["best_step"]
-        breaches = ck.get("breaches", 0)
+        breaches, intact = ck.get("breaches", 0), ck.get("intact", [])
         curve, evals, tokens = ck["curve"], ck["evals"], ck["tokens"]
         resumed_from: int | None = step
     else:
@@ -224,13 +267,20 @@ def train(
             )
             if data.substitutes is not None:
                 refs.substitute = sequence_logprobs(model, data.substitutes, pad_id)
-        base = scope_metrics(model, data, pad_id, forget_logp=initial)
-        if continues_chain and data.retain:
-            sample = data.retain_sample()
-            with model.disable_adapter():
-                base["retain_nll_base_model"] = _prob_and_nll(
-                    sequence_logprobs(model, sample, pad_id), sample
-                )[1]
+        prob, nll = _prob_and_nll(initial, data.forget)
+        base, intact = {"forget_prob": prob, "forget_nll": nll}, []
+        if data.retain:
+            # The answers to guard: those the base model gives word for word (in a chain,
+            # with the adapter off: no version may drift further than the one before).
+            base["retain_nll"], intact = retain_state(model, data, pad_id)
+            if continues_chain:
+                at_start = intact
+                with model.disable_adapter():
+                    base["retain_nll_base_model"], intact = retain_state(model, data, pad_id)
+                kept = kept_share(intact, at_start)
+                if kept is not None:
+                    base["retain_kept"] = kept
+            base["retain_intact"] = float(sum(intact))
         if data.holdout:
             base["holdout_prob"], base["holdout_nll"] = _prob_and_nll(
                 sequence_logprobs(model, data.holdout, pad_id), data.holdout
@@ -278,10 +328,10 @@ def train(
 
         if step % spec.eval_every == 0 or step == spec.max_steps:
             t_check = time.perf_counter()
-            now = scope_metrics(model, data, pad_id)
+            now = scope_metrics(model, data, pad_id, intact=intact)
             check_seconds += time.perf_counter() - t_check
             evals.append(dict(now, step=step))
-            if "retain_nll" in now and now["retain_nll"] > retain_bound(spec, base):
+            if retain_breached(spec, base, now):
                 breaches += 1  # the retain term may still pull it back within bounds
                 if breaches > spec.retain_patience or step == spec.max_steps:
                     load_trainable(model, best_state)  # the last state within bounds
@@ -306,6 +356,7 @@ def train(
                     "best_state": best_state,
                     "best_step": best_step,
                     "breaches": breaches,
+                    "intact": intact,
                     "curve": curve,
                     "evals": evals,
                     "tokens": tokens,
