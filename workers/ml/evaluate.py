@@ -20,7 +20,7 @@ def general_knowledge() -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def greedy_answers(
-    model: Any, tok: Any, prompts: list[str], *, max_new_tokens: int = 32, batch_size: int = 16
+    model: Any, tok: Any, prompts: list[str], *, max_new_tokens: int = 32, batch_size: int = 64
 ) -> list[str]:
     """Deterministic (greedy) answers to chat prompts, batched with left padding."""
     rows = [prompt_ids(tok, p) for p in prompts]
@@ -29,9 +29,11 @@ def greedy_answers(
 
 @torch.no_grad()
 def greedy_from_ids(
-    model: Any, tok: Any, rows: list[list[int]], *, max_new_tokens: int = 32, batch_size: int = 16
+    model: Any, tok: Any, rows: list[list[int]], *, max_new_tokens: int = 32, batch_size: int = 64
 ) -> list[str]:
-    """Greedy continuations of token prompts (chat prompts or raw text prefixes)."""
+    """Greedy continuations of token prompts (chat prompts or raw text prefixes). Decoding
+    a small model is overhead-bound, so wide batches pay: the 102 probe questions take
+    13.5 s in one batch and 25.2 s in batches of 16 (2 CPU cores)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
