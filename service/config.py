@@ -32,6 +32,17 @@ class Settings(BaseSettings):
         default=f"sqlite:///{VAR_DIR / 'unlearn.sqlite'}",
         description="SQLAlchemy URL. PostgreSQL in production (postgresql+psycopg://...).",
     )
+    db_pool_size: int = Field(
+        default=20,
+        ge=1,
+        le=1000,
+        description="connections each API or worker process keeps open (PostgreSQL); "
+        "at least the requests it serves at once, or connections are opened and closed "
+        "per request",
+    )
+    db_max_overflow: int = Field(
+        default=10, ge=0, le=1000, description="extra connections above the pool, for bursts"
+    )
     broker_url: str = Field(
         default=f"sqla+sqlite:///{VAR_DIR / 'broker.sqlite'}",
         description="Celery broker. Redis in production; kombu's SQLAlchemy transport embedded.",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -29,17 +29,18 @@ async def get_session() -> AsyncIterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def _token(request: Request) -> str | None:
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="unlearn"'}
+
+
+async def bearer_token(request: Request) -> str:
+    """The API key the request carries (401 if none); checked against the database by
+    `principal_for`."""
     auth = request.headers.get("authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
-        return value.strip() if scheme.lower() == "bearer" else None
-    return request.headers.get("x-api-key")
-
-
-def get_principal(request: Request, session: SessionDep) -> access.Principal:
-    token = _token(request)
-    challenge = {"WWW-Authenticate": 'Bearer realm="unlearn"'}
+        token = value.strip() if scheme.lower() == "bearer" else None
+    else:
+        token = request.headers.get("x-api-key")
     if not token:
         raise Problem(
             401,
@@ -47,42 +48,67 @@ def get_principal(request: Request, session: SessionDep) -> access.Principal:
             "Authentication required",
             "send an API key as 'Authorization: Bearer ulk_...' (mint one with "
             "`unlearn keys create`)",
-            headers=challenge,
+            headers=_CHALLENGE,
         )
+    return token
+
+
+TokenDep = Annotated[str, Depends(bearer_token)]
+
+
+def principal_for(session: Session, token: str, scope: Scope | None = None) -> access.Principal:
+    """The key's principal (401 if unknown or revoked; 403 without `scope`)."""
     principal = access.authenticate(session, token)
-    # End the read so the connection goes back to the pool before the next threadpool hop.
-    session.commit()
     if principal is None:
         raise Problem(
             401,
             "invalid-key",
             "Invalid API key",
             "the API key is unknown, malformed or revoked",
-            headers=challenge,
+            headers=_CHALLENGE,
         )
+    if scope is not None:
+        check_scope(principal, scope)
     return principal
+
+
+def check_scope(principal: access.Principal, scope: Scope) -> None:
+    if not principal.has(scope):
+        raise Problem(
+            403,
+            "missing-scope",
+            "Missing scope",
+            f"this API key lacks the '{scope.value}' scope; ask an admin for a key with it",
+            required_scope=scope.value,
+        )
+
+
+def get_principal(token: TokenDep, session: SessionDep) -> access.Principal:
+    try:
+        return principal_for(session, token)
+    finally:
+        # End the read so the connection goes back to the pool before the next threadpool
+        # hop (a request holding one while it waits for a thread can starve the pool).
+        session.commit()
 
 
 PrincipalDep = Annotated[access.Principal, Depends(get_principal)]
 
 
-def require(scope: Scope) -> Callable[[access.Principal], access.Principal]:
-    def _check(principal: PrincipalDep) -> access.Principal:
-        if not principal.has(scope):
-            raise Problem(
-                403,
-                "missing-scope",
-                "Missing scope",
-                f"this API key lacks the '{scope.value}' scope; ask an admin for a key with it",
-                required_scope=scope.value,
-            )
+# The checks below touch no database: `async def` keeps them on the event loop instead of
+# a threadpool hop each (FastAPI runs every plain `def` dependency in a thread).
+
+
+def require(scope: Scope) -> Callable[[access.Principal], Awaitable[access.Principal]]:
+    async def _check(principal: PrincipalDep) -> access.Principal:
+        check_scope(principal, scope)
         return principal
 
     return _check
 
 
-def require_any(*scopes: Scope) -> Callable[[access.Principal], access.Principal]:
-    def _check(principal: PrincipalDep) -> access.Principal:
+def require_any(*scopes: Scope) -> Callable[[access.Principal], Awaitable[access.Principal]]:
+    async def _check(principal: PrincipalDep) -> access.Principal:
         if not any(principal.has(s) for s in scopes):
             names = " or ".join(f"'{s.value}'" for s in scopes)
             raise Problem(
@@ -97,7 +123,7 @@ def require_any(*scopes: Scope) -> Callable[[access.Principal], access.Principal
     return _check
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     ctype = request.headers.get("content-type", "")
     media = ctype.split(";", 1)[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):

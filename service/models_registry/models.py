@@ -18,7 +18,8 @@ class RegisteredModel(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     source: Mapped[str] = mapped_column(String(1000))
-    retain_items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    # Deferred: up to MAX_RETAIN_ITEMS items, read by the worker, not by every intake.
+    retain_items: Mapped[list[dict[str, Any]]] = mapped_column(JSON, deferred=True)
     default_method: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # The audit's thresholds (workers.audit.policy.AuditPolicy); None: the defaults.
     audit_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
