@@ -138,6 +138,30 @@ def _prepare() -> str:
     return token
 
 
+def _trail_check() -> str:
+    """Every intake event chained (the dispatcher would do it within a tick), and the
+    whole chain verifies."""
+    from sqlalchemy import func, select
+
+    from service.db import session_scope
+    from service.trail import service as trail
+    from service.trail.models import AuditEvent
+
+    with session_scope() as s:
+        sealed = trail.seal_pending(s)
+    with session_scope() as s:
+        result = trail.verify(s)
+        received = s.scalar(
+            select(func.count())
+            .select_from(AuditEvent)
+            .where(AuditEvent.event_type == "erasure_request.received")
+        )
+    return (
+        f"trail: {received} received events ({sealed} chained after the load), "
+        f"{result.events_checked} events verified: {'ok' if result.ok else result.problem}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=2)
@@ -203,6 +227,7 @@ def main() -> None:
         engine.dispose()
         lost = accepted - (rows or 0)
         print(f"rows in erasure_requests: {rows}; 202 answers: {accepted}; lost: {lost}")
+        print(_trail_check())
     finally:
         if proc is not None:
             os.killpg(proc.pid, signal.SIGTERM)

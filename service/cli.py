@@ -248,6 +248,8 @@ def verify_trail() -> None:
     from service.trail import service as trail
 
     with session_scope() as session:
+        trail.seal_pending(session)
+    with session_scope() as session:
         result = trail.verify(session)
     console.print(result)
     raise typer.Exit(0 if result.ok else 1)

@@ -32,6 +32,7 @@ from service.jobs import service as jobs
 from service.jobs.models import Job
 from service.queue import BrokerUnavailable, enqueue_job
 from service.states import JobStage, RequestStatus
+from service.trail import service as trail
 
 log = structlog.get_logger()
 ACTOR = "dispatcher"
@@ -45,6 +46,7 @@ class TickReport:
     send_failures: int = 0
     reaped: int = 0
     purged: int = 0
+    sealed: int = 0  # intake events chained into the trail
 
 
 def batch_pending(
@@ -127,6 +129,8 @@ def tick(
 ) -> TickReport:
     factory = factory or get_sessionmaker()
     report = TickReport()
+    with session_scope(factory) as session:
+        report.sealed = trail.seal_pending(session)
     with session_scope(factory) as session:
         report.jobs_created = batch_pending(session, now=now)
     with session_scope(factory) as session:

@@ -82,6 +82,7 @@ TABLES = [
     "erasure_requests",
     "jobs",
     "audit_events",
+    "trail_pending",
     "api_keys",
     "tenants",
     "models",

@@ -143,6 +143,7 @@ def submit(
         actor=principal.key_id,
         tenant_id=principal.tenant_id,
         event_type="erasure_request.received",
+        deferred=True,  # chained after the commit: intake never waits for the chain's lock
         object_type="erasure_request",
         object_id=request_id,
         details={

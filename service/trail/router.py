@@ -25,6 +25,7 @@ def list_events(
     event_type: Annotated[str | None, Query(max_length=64, pattern=r"^[\w.]+$")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> AuditEventPage:
+    _seal(session)
     q = select(AuditEvent)
     if not principal.is_admin:  # a tenant sees its own events; admins see all
         q = q.where(AuditEvent.tenant_id == principal.tenant_id)
@@ -44,5 +45,12 @@ def list_events(
 
 @router.get("/verify", response_model=VerifyOut, summary="Recompute the whole hash chain")
 def verify(session: SessionDep, _: Auditor) -> VerifyOut:
+    _seal(session)
     result = service.verify(session)
     return VerifyOut(**result.__dict__)
+
+
+def _seal(session: SessionDep) -> None:
+    """Chain the intake's pending events first, so a reader sees everything recorded."""
+    if service.seal_pending(session):
+        session.commit()

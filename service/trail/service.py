@@ -5,6 +5,14 @@ object_type, object_id, payload_digest, prev_hash}); payload_digest = SHA-256 of
 canonical JSON of `details`; the first event's prev_hash is 64 zeros. Appends are
 serialised (PostgreSQL: a transaction-scoped advisory lock; SQLite: BEGIN IMMEDIATE),
 so sequence numbers have no gaps and the chain never forks.
+
+The intake does not take that lock: holding it from the append to the commit serialised
+every submission (measured: 170 req/s with it, 320 without, on 2 cores). It records its
+event as pending (`deferred=True`), in its own transaction, and the next locked append
+chains every committed pending event first, oldest first; so does `seal_pending`, which
+the dispatcher calls every tick and the trail's readers call before they read. An event
+is chained within a dispatcher tick of its commit and always before any later event of
+the same object (which is appended after it commits).
 """
 
 from __future__ import annotations
@@ -16,8 +24,8 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from service.crypto import canonical_json, sha256_hex
-from service.db import is_postgres, utcnow
-from service.trail.models import AuditEvent
+from service.db import is_postgres, new_id, utcnow
+from service.trail.models import AuditEvent, PendingEvent
 
 GENESIS = "0" * 64
 _LOCK_KEY = 0x756E6C6561726E  # "unlearn": the advisory lock id for trail appends
@@ -51,33 +59,74 @@ def record(
     object_id: str,
     details: dict[str, Any],
     tenant_id: str | None = None,
-) -> AuditEvent:
-    """Append one event in the caller's transaction; it commits or rolls back with it."""
+    deferred: bool = False,
+) -> AuditEvent | PendingEvent:
+    """Append one event in the caller's transaction; it commits or rolls back with it.
+    `deferred`: record it as pending, chained after the commit (see the module docs)."""
+    # Microsecond precision: what every backend stores, so the hash can be recomputed.
+    fields: dict[str, Any] = {
+        "occurred_at": utcnow(),
+        "actor": actor,
+        "tenant_id": tenant_id,
+        "event_type": event_type,
+        "object_type": object_type,
+        "object_id": object_id,
+        "details": details,
+    }
+    if deferred:
+        pending = PendingEvent(id=new_id(), **fields)
+        session.add(pending)
+        session.flush()
+        return pending
+    seq, prev, _ = _lock_and_seal(session)
+    event = _link(seq, prev, fields)
+    session.add(event)
+    session.flush()
+    return event
+
+
+_FIELDS = ("occurred_at", "actor", "tenant_id", "event_type", "object_type", "object_id")
+
+
+def _link(seq: int, prev: str, fields: dict[str, Any]) -> AuditEvent:
+    event = AuditEvent(
+        seq=seq, payload_digest=sha256_hex(canonical_json(fields["details"])), prev_hash=prev
+    )
+    for key, value in fields.items():
+        setattr(event, key, value)
+    event.hash = link_hash(event)
+    return event
+
+
+def _lock_and_seal(session: Session) -> tuple[int, str, int]:
+    """Take the chain's lock and chain every committed pending event, oldest first: the
+    next sequence number, the hash it links to, and how many were chained."""
     if is_postgres(session):
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
     last = session.execute(
         select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
     ).first()
     seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
-    # Microsecond precision: what every backend stores, so the hash can be recomputed.
-    occurred_at = utcnow()
-    digest = sha256_hex(canonical_json(details))
-    event = AuditEvent(
-        seq=seq,
-        occurred_at=occurred_at,
-        actor=actor,
-        tenant_id=tenant_id,
-        event_type=event_type,
-        object_type=object_type,
-        object_id=object_id,
-        details=details,
-        payload_digest=digest,
-        prev_hash=prev,
-    )
-    event.hash = link_hash(event)
-    session.add(event)
-    session.flush()
-    return event
+    pending = session.scalars(
+        select(PendingEvent).order_by(PendingEvent.occurred_at, PendingEvent.id)
+    ).all()
+    for row in pending:
+        fields = {key: getattr(row, key) for key in _FIELDS} | {"details": row.details}
+        event = _link(seq, prev, fields)
+        session.add(event)
+        session.delete(row)
+        seq, prev = seq + 1, event.hash
+    if pending:
+        session.flush()
+    return seq, prev, len(pending)
+
+
+def seal_pending(session: Session) -> int:
+    """Chain the committed pending events in the caller's transaction; how many. Takes
+    the lock only when there is something to chain."""
+    if session.scalar(select(PendingEvent.id).limit(1)) is None:
+        return 0
+    return _lock_and_seal(session)[2]
 
 
 @dataclass

@@ -165,3 +165,42 @@ def test_no_forget_item_is_stored_in_plain_text(server, live_db):
             for needle in needles:
                 assert needle not in dump, f"{needle!r} in plain text in {table}"
                 assert needle.encode().hex() not in dump, f"{needle!r} as bytea in {table}"
+
+
+def test_intake_does_not_wait_for_the_chains_lock(server, live_db):
+    """Intake records its trail event as pending, so a transaction holding the chain's
+    lock (a long append elsewhere) does not hold submissions up; the event is chained by
+    the next append, before any later event of the same request."""
+    from service.db import get_engine
+    from service.trail import service as trail
+    from service.trail.models import AuditEvent, PendingEvent
+
+    url, token, _ = server
+    headers = {"Authorization": f"Bearer {token}"}
+    with get_engine().connect() as holder:
+        holder.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": trail._LOCK_KEY})
+        t = time.monotonic()
+        r = httpx.post(
+            f"{url}/v1/erasure-requests",
+            json=qa_body(),
+            headers=headers | {"Idempotency-Key": "no-wait"},
+            timeout=30,
+        )
+        assert r.status_code == 202, r.text
+        assert time.monotonic() - t < 5  # it did not wait for the lock
+        holder.rollback()  # releases the lock
+    rid = r.json()["id"]
+    with session_scope(live_db) as s:
+        assert s.scalar(select(PendingEvent.object_id)) == rid
+        assert s.scalar(select(AuditEvent.seq).where(AuditEvent.object_id == rid)) is None
+    r = httpx.post(f"{url}/v1/erasure-requests/{rid}/cancel", headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    with session_scope(live_db) as s:
+        assert s.scalar(select(PendingEvent.id)) is None  # the cancel's append chained it
+        types = s.scalars(
+            select(AuditEvent.event_type)
+            .where(AuditEvent.object_id == rid)
+            .order_by(AuditEvent.seq)
+        ).all()
+        assert types[:2] == ["erasure_request.received", "erasure_request.canceled"]
+        assert trail.verify(s).ok

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from service.erasure_requests.models import ErasureRequest
 from service.models_registry.models import RegisteredModel
-from service.trail.models import AuditEvent
+from service.trail.models import AuditEvent, PendingEvent
 from tests.conftest import auth, qa_body, submit
 
 REQUESTS = "/v1/erasure-requests"
@@ -22,7 +22,12 @@ ONE_MIB = 1_048_576  # the default MAX_BODY_BYTES, fixed when the app is built
 
 
 def _rows(db) -> dict[str, int]:
-    tables = {"requests": ErasureRequest, "models": RegisteredModel, "audit": AuditEvent}
+    tables = {
+        "requests": ErasureRequest,
+        "models": RegisteredModel,
+        "audit": AuditEvent,
+        "pending audit": PendingEvent,
+    }
     return {k: db.scalar(select(func.count()).select_from(t)) for k, t in tables.items()}
 
 

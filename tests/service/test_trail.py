@@ -104,6 +104,7 @@ def test_state_changes_key_creation_and_purge_are_events(client, keys, model, db
 def test_trail_holds_no_personal_data(client, keys, model, db):
     body = qa_body(subject="patient-7781")
     rid = submit(client, keys.a, body).json()["id"]
+    assert trail.seal_pending(db) == 1  # the intake's event, chained after its commit
     event = db.scalar(select(AuditEvent).where(AuditEvent.object_id == rid))
     dumped = str(event.details)
     assert "patient-7781" not in dumped and "Jane Roe" not in dumped
@@ -152,4 +153,25 @@ def test_factories_requests_are_recorded(db):
     who = f.principal(db)
     f.model(db)
     [req] = f.requests(db, who, 1)
+    trail.seal_pending(db)  # the intake's event is chained after its commit
     assert db.scalar(select(AuditEvent).where(AuditEvent.object_id == req.id)) is not None
+
+
+def test_the_dispatcher_tick_chains_pending_events(db):
+    from service import dispatcher
+    from service.trail.models import PendingEvent
+
+    trail.record(
+        db,
+        actor="t",
+        event_type="test.pending",
+        object_type="test",
+        object_id="p1",
+        details={},
+        deferred=True,
+    )
+    assert db.scalar(select(AuditEvent).where(AuditEvent.object_id == "p1")) is None
+    report = dispatcher.tick(lambda: db)
+    assert report.sealed == 1 and db.scalar(select(PendingEvent.id)) is None
+    event = db.scalar(select(AuditEvent).where(AuditEvent.object_id == "p1"))
+    assert event is not None and trail.verify(db).ok
