@@ -78,11 +78,16 @@ def sequence_logp_exact(
     model: Any, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log p(y|x) per example, and whether every target token is the model's top
-    choice: then greedy decoding from the prompt gives exactly y (the answer is intact)."""
+    choice: then greedy decoding from the prompt gives exactly y (the answer is intact).
+    With the batch's "weights", only the tokens of positive weight must be (its values)."""
     logits, targets = kept_logits(model, batch)
     logp = -F.cross_entropy(logits.float(), targets, reduction="none")
-    miss = (logits.argmax(-1) != targets).to(logp.dtype)
-    rows = _keep_mask(batch["labels"]).nonzero()[:, 0].to(logp.device)
+    keep = _keep_mask(batch["labels"])
+    miss = logits.argmax(-1) != targets
+    if "weights" in batch:
+        miss &= batch["weights"][:, 1:][keep[:, :-1]].to(miss.device) > 0
+    miss = miss.to(logp.dtype)
+    rows = keep.nonzero()[:, 0].to(logp.device)
     zeros = torch.zeros(batch["labels"].shape[0], device=logp.device, dtype=logp.dtype)
     return zeros.index_add(0, rows, logp), zeros.index_add(0, rows, miss) == 0
 

@@ -95,8 +95,11 @@ def _run(
         holdout=encode_all(tok, holdout, m.max_length),
         retain_eval=m.retain_eval_items,
     )
+    retain = [i.plain() for i in spec.retain]
     if m.retain_focus > 0:
-        data.neighbours = neighbours(forget, [i.plain() for i in spec.retain])
+        data.neighbours = neighbours(forget, retain)
+    if m.retain_answers_tolerance is not None:
+        data.retain_values = value_token_weights(tok, retain, data.retain, other=0.0)
     if m.forget_weighting == "rare":
         data.forget_weights = rare_token_weights(data.forget, data.retain)
     elif m.forget_weighting == "values":

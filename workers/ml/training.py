@@ -52,11 +52,18 @@ class Datasets:
     forget_weights: list[list[float]] | None = None  # per-token weights of the forget loss
     retain_eval: int = 8  # how many retain items the scope check uses (cost: ~0.13 s each)
     neighbours: list[int] = field(default_factory=list)  # retain items sharing forget values
+    # per-token masks of the retain items' specific values (the answer guard's tokens)
+    retain_values: list[list[float]] | None = None
 
     def retain_sample(self) -> list[Encoded]:
         """The retain items the scope check measures: `retain_eval` of them, evenly
         strided over the whole set (its first items may all be about one person)."""
         return [self.retain[i] for i in spread(len(self.retain), self.retain_eval)]
+
+    def retain_sample_values(self) -> list[list[float]] | None:
+        if self.retain_values is None:
+            return None
+        return [self.retain_values[i] for i in spread(len(self.retain), self.retain_eval)]
 
 
 def spread(n: int, k: int) -> list[int]:
@@ -124,15 +131,16 @@ def _prob_and_nll(logp_sum: torch.Tensor, encoded: list[Encoded]) -> tuple[float
 @torch.no_grad()
 def retain_state(model: Any, data: Datasets, pad_id: int) -> tuple[float, list[bool]]:
     """On the retain sample: the mean NLL, and per item whether the model still gives its
-    answer word for word (every target token its top choice). One broken answer barely
-    moves a mean NLL (the demo lost a kept customer's phone number that way)."""
-    sample = data.retain_sample()
+    values word for word (every token of the answer's specific values its top choice,
+    every token for an answer without any). One broken answer barely moves a mean NLL
+    (the demo lost a kept customer's phone number that way)."""
+    sample, masks = data.retain_sample(), data.retain_sample_values()
     was_training = model.training
     model.eval()
     logps, exact = [], []
     for start in range(0, len(sample), 8):
         idx = list(range(start, min(start + 8, len(sample))))
-        logp, ok = sequence_logp_exact(model, collate(sample, idx, pad_id))
+        logp, ok = sequence_logp_exact(model, collate(sample, idx, pad_id, masks))
         logps.append(logp.float().cpu())
         exact += ok.cpu().tolist()
     model.train(was_training)
