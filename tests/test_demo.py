@@ -11,12 +11,6 @@ import pytest
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.xfail(
-    strict=False,
-    reason="measured 2026-11-28 (BENCHMARKS.md, 'The demo'): the audit passes and the "
-    "forgotten customer goes 4/5 -> 0/5, but one of the other customer's five answers "
-    "breaks (4/5 kept), so the demo exits 1",
-)
 def test_demo_forgets_one_customer_and_keeps_another(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "service.cli", "demo", "--customers", "12", "--root", str(tmp_path)],
