@@ -83,6 +83,18 @@ def test_bad_keys_are_401(client, keys, make_token):
     assert r.json()["type"] == "urn:unlearn:problem:invalid-key"
 
 
+def test_a_bad_key_is_401_before_the_body_is_judged(client, keys):
+    """Authentication comes first: an unknown key with a malformed body learns nothing
+    about the body."""
+    r = client.post(
+        "/v1/erasure-requests",
+        json={"items": "not a list"},
+        headers=auth(keys.a + "x") | {"Idempotency-Key": "k"},
+    )
+    assert_unauthenticated(r)
+    assert r.json()["type"] == "urn:unlearn:problem:invalid-key"
+
+
 def test_revoked_key_is_401(client, keys, db):
     assert client.get("/v1/erasure-requests", headers=auth(keys.a)).status_code == 200
     assert access.revoke_key(db, key_id=key_id(keys.a))
