@@ -56,8 +56,8 @@ async def bearer_token(request: Request) -> str:
 TokenDep = Annotated[str, Depends(bearer_token)]
 
 
-def principal_for(session: Session, token: str, scope: Scope | None = None) -> access.Principal:
-    """The key's principal (401 if unknown or revoked; 403 without `scope`)."""
+def principal_for(session: Session, token: str) -> access.Principal:
+    """The key's principal (401 if unknown or revoked)."""
     principal = access.authenticate(session, token)
     if principal is None:
         raise Problem(
@@ -67,8 +67,6 @@ def principal_for(session: Session, token: str, scope: Scope | None = None) -> a
             "the API key is unknown, malformed or revoked",
             headers=_CHALLENGE,
         )
-    if scope is not None:
-        check_scope(principal, scope)
     return principal
 
 
