@@ -75,6 +75,13 @@ def test_two_dispatchers_on_sqlite_never_share_a_request(sqlite_factory, setting
         assert trail.verify(s).ok
 
 
+def _embedded_env() -> dict[str, str]:
+    """This environment without the test suite's database, broker and key settings: the
+    CLI falls back to its embedded defaults, as on a newcomer's machine."""
+    skip = ("DATABASE_URL", "BROKER_URL", "DATA_ENCRYPTION_KEY", "ENVIRONMENT")
+    return {k: v for k, v in os.environ.items() if k not in skip} | {"PYTHONPATH": os.getcwd()}
+
+
 def _run(env: dict, cwd, *args: str) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "service.cli", *args],
@@ -89,12 +96,7 @@ def _run(env: dict, cwd, *args: str) -> str:
 
 
 def test_cli_and_api_end_to_end_on_the_embedded_defaults(tmp_path):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("DATABASE_URL", "BROKER_URL", "DATA_ENCRYPTION_KEY", "ENVIRONMENT")
-    }
-    env["PYTHONPATH"] = os.getcwd()
+    env = _embedded_env()
     workdir = tmp_path / "fresh"
     workdir.mkdir()
 
@@ -177,12 +179,7 @@ def _alive(pid: int) -> bool:
 def test_up_stops_its_worker_when_terminated(tmp_path):
     """`unlearn up` under a process manager gets SIGTERM, not Ctrl-C: the worker it
     started must stop with it rather than run on holding a job."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("DATABASE_URL", "BROKER_URL", "DATA_ENCRYPTION_KEY", "ENVIRONMENT")
-    }
-    env["PYTHONPATH"] = os.getcwd()
+    env = _embedded_env()
     port = free_port()
     up = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "up", "--port", str(port)],
