@@ -33,8 +33,7 @@ _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="unlearn"'}
 
 
 async def bearer_token(request: Request) -> str:
-    """The API key the request carries (401 if none); checked against the database by
-    `principal_for`."""
+    """The API key the request carries (401 if none); `get_principal` checks it."""
     auth = request.headers.get("authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
@@ -56,9 +55,10 @@ async def bearer_token(request: Request) -> str:
 TokenDep = Annotated[str, Depends(bearer_token)]
 
 
-def principal_for(session: Session, token: str) -> access.Principal:
-    """The key's principal (401 if unknown or revoked)."""
+def get_principal(token: TokenDep, session: SessionDep) -> access.Principal:
     principal = access.authenticate(session, token)
+    # End the read so the connection goes back to the pool before the next threadpool hop.
+    session.commit()
     if principal is None:
         raise Problem(
             401,
@@ -70,26 +70,6 @@ def principal_for(session: Session, token: str) -> access.Principal:
     return principal
 
 
-def check_scope(principal: access.Principal, scope: Scope) -> None:
-    if not principal.has(scope):
-        raise Problem(
-            403,
-            "missing-scope",
-            "Missing scope",
-            f"this API key lacks the '{scope.value}' scope; ask an admin for a key with it",
-            required_scope=scope.value,
-        )
-
-
-def get_principal(token: TokenDep, session: SessionDep) -> access.Principal:
-    try:
-        return principal_for(session, token)
-    finally:
-        # End the read so the connection goes back to the pool before the next threadpool
-        # hop (a request holding one while it waits for a thread can starve the pool).
-        session.commit()
-
-
 PrincipalDep = Annotated[access.Principal, Depends(get_principal)]
 
 
@@ -99,7 +79,14 @@ PrincipalDep = Annotated[access.Principal, Depends(get_principal)]
 
 def require(scope: Scope) -> Callable[[access.Principal], Awaitable[access.Principal]]:
     async def _check(principal: PrincipalDep) -> access.Principal:
-        check_scope(principal, scope)
+        if not principal.has(scope):
+            raise Problem(
+                403,
+                "missing-scope",
+                "Missing scope",
+                f"this API key lacks the '{scope.value}' scope; ask an admin for a key with it",
+                required_scope=scope.value,
+            )
         return principal
 
     return _check
