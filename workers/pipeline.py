@@ -194,11 +194,16 @@ def _earlier_requests(session: Session, model_id: str) -> list[ErasureRequest]:
     )
 
 
+# 1 - AuditPolicy.min_retain_answers_kept's default: what a retry's answer guard allows.
+RETRY_ANSWERS_TOLERANCE = 0.1
+
+
 def method_for_round(method: dict[str, Any], rnd: int, *, overshot: bool = False) -> dict[str, Any]:
     """The settings of audit retry `rnd` (0: as asked). A retry puts the forget loss on
     the person's specific values (measured on the built-in model: lower forget
     probability for the same damage to retain data, see docs/audit.md), checks the
-    retain guard on more items, and runs twice the steps. After a round that *overshot*
+    retain guard on more items, lets the answer guard allow what the audit allows, and
+    runs twice the steps. After a round that *overshot*
     (a membership AUC far under 0.5: the forgotten items became much less likely than
     never-seen ones, so the erasure itself shows) it also halves the learning rate, so
     the stop rule catches the holdout level before the run passes it; otherwise it
@@ -208,6 +213,14 @@ def method_for_round(method: dict[str, Any], rnd: int, *, overshot: bool = False
         out["forget_weighting"] = "values"
         out["max_steps"] = min(10_000, out["max_steps"] * 2**rnd)
         out["retain_eval_items"] = max(out.get("retain_eval_items", 8), 32)
+        # Round 0 may break none of the guarded retain answers; on some models one breaks
+        # with the first steps, and the run rolls back to nothing forgotten (measured on a
+        # 3-person target: round 0 left 18 of 20 answers stating a secret, this retry 0,
+        # the other person kept 15/15). The retry may break what the audit's default
+        # accepts, and the audit then judges the greedy answers themselves.
+        tolerance = out.get("retain_answers_tolerance", 0.0)
+        if tolerance is not None:
+            out["retain_answers_tolerance"] = max(tolerance, RETRY_ANSWERS_TOLERANCE)
         if overshot:
             out["lr"] = out["lr"] / 2**rnd
     return out

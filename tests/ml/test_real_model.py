@@ -10,7 +10,8 @@ from peft import PeftModel
 from workers.ml import evaluate, loading, synthetic
 from workers.ml.finetune import finetune
 from workers.ml.run import run_job
-from workers.ml.specs import JobSpec
+from workers.ml.specs import DEFAULT_METHOD, JobSpec, SimNPO
+from workers.pipeline import method_for_round
 
 pytestmark = pytest.mark.slow
 
@@ -20,13 +21,7 @@ def _hits(model, tok, person) -> tuple[int, list[str]]:
     return sum(synthetic.revealed(answers, synthetic.item_secrets(person))), answers
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="measured 2026-11-28 with the first-round default (npo, lr 5e-4, 16 steps): 11 "
-    "of the 20 answers about the forgotten person still stated the secret value. The "
-    "third-round default leaves 1-2 of 20 on two 8-person benchmark targets "
-    "(docs/audit.md); this 3-person target is not re-measured with it yet",
-)
+@pytest.mark.timeout(1500)  # fine-tune, up to two unlearning rounds, greedy answers
 def test_unlearning_one_person_on_the_builtin_model(tmp_path):
     people = synthetic.people(3, seed=11)
     items = [i for p in people for i in synthetic.qa_items(p)]
@@ -40,16 +35,23 @@ def test_unlearning_one_person_on_the_builtin_model(tmp_path):
     base_acc, _ = evaluate.probe_accuracy(model, tok, probe)
     other_before, _ = _hits(model, tok, people[1])
 
-    result = run_job(
-        JobSpec(
-            model_source=str(target),
-            forget=synthetic.qa_items(people[0]),
-            retain=[i for p in people[1:] for i in synthetic.qa_items(p)],
-        ),
-        tmp_path / "job",
+    # As the service runs it: the default method, and when that round forgets too little
+    # (the audit fails it) the retry's settings. Measured 2026-12-01: round 0 stopped at
+    # the answer guard on step 0 (18 of 20 still stated), the retry left 0 of 20, the
+    # other person 15/15, the probe 0.500 -> 0.475.
+    spec = JobSpec(
+        model_source=str(target),
+        forget=synthetic.qa_items(people[0]),
+        retain=[i for p in people[1:] for i in synthetic.qa_items(p)],
     )
-    unlearned = PeftModel.from_pretrained(model, result.adapter_dir)  # wraps `model` in place
-    left, answers = _hits(unlearned, tok, people[0])
+    for rnd in range(2):
+        method = method_for_round(dict(DEFAULT_METHOD), rnd)
+        result = run_job(spec.model_copy(update={"method": SimNPO(**method)}), tmp_path / f"r{rnd}")
+        unlearned = PeftModel.from_pretrained(model, result.adapter_dir)  # wraps `model`
+        left, answers = _hits(unlearned, tok, people[0])
+        if left <= 2:
+            break
+        model = unlearned.unload()  # the base model again, for the next round
     assert left <= 2, answers
     acc, _ = evaluate.probe_accuracy(unlearned, tok, probe)
     assert acc >= 0.9 * base_acc, (acc, base_acc)
