@@ -21,10 +21,6 @@ from service import demo
 from workers.ml import synthetic
 
 
-def _answers(folder: Path, questions: list[str], adapter: Path | None) -> list[str]:
-    return demo.answers(folder, questions, adapter)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--assistant", default="var/demo/assistant-e6-lr0.0002")
@@ -54,14 +50,14 @@ def main() -> None:
     questions = [i["prompt"] for p in people for i in demo.customer_items(p, (0,))]
     secrets = [s for p in people for s in synthetic.fact_secrets(p, demo.FACTS)]
     n = len(demo.FACTS)
-    before = synthetic.revealed(_answers(folder, questions, None), secrets)
+    before = synthetic.revealed(demo.answers(folder, questions), secrets)
 
     workdir = Path(args.workdir)
     shutil.rmtree(workdir, ignore_errors=True)
     t = time.perf_counter()
     result = run_job(spec, workdir)
     wall = time.perf_counter() - t
-    after = synthetic.revealed(_answers(folder, questions, result.adapter_dir), secrets)
+    after = synthetic.revealed(demo.answers(folder, questions, result.adapter_dir), secrets)
 
     out = result.record["outcome"]
     lost = [questions[i] for i in range(n, len(questions)) if before[i] and not after[i]]

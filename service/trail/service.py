@@ -85,7 +85,16 @@ def record(
     return event
 
 
-_FIELDS = ("occurred_at", "actor", "tenant_id", "event_type", "object_type", "object_id")
+# What an event says (the rest, seq and the hashes, is its place in the chain).
+_FIELDS = (
+    "occurred_at",
+    "actor",
+    "tenant_id",
+    "event_type",
+    "object_type",
+    "object_id",
+    "details",
+)
 
 
 def _link(seq: int, prev: str, fields: dict[str, Any]) -> AuditEvent:
@@ -111,8 +120,7 @@ def _lock_and_seal(session: Session) -> tuple[int, str, int]:
         select(PendingEvent).order_by(PendingEvent.occurred_at, PendingEvent.id)
     ).all()
     for row in pending:
-        fields = {key: getattr(row, key) for key in _FIELDS} | {"details": row.details}
-        event = _link(seq, prev, fields)
+        event = _link(seq, prev, {key: getattr(row, key) for key in _FIELDS})
         session.add(event)
         session.delete(row)
         seq, prev = seq + 1, event.hash

@@ -98,8 +98,11 @@ def _run(
     retain = [i.plain() for i in spec.retain]
     if m.retain_focus > 0:
         data.neighbours = neighbours(forget, retain)
-    if m.retain_answers_tolerance is not None:
-        data.retain_values = value_token_weights(tok, retain, data.retain, other=0.0)
+    if m.retain_answers_tolerance is not None:  # only the guard's sample needs its masks
+        idx = data.retain_indices()
+        data.retain_sample_masks = value_token_weights(
+            tok, [retain[i] for i in idx], [data.retain[i] for i in idx], other=0.0
+        )
     if m.forget_weighting == "rare":
         data.forget_weights = rare_token_weights(data.forget, data.retain)
     elif m.forget_weighting == "values":

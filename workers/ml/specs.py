@@ -129,10 +129,10 @@ class _MethodBase(BaseModel):
         default=0.0,
         ge=0,
         le=1,
-        description="share of the retain sample's answers that the base model gives word "
-        "for word (every token its top choice) which the run may break before it counts as "
-        "past the retain bound, like the NLL bound; a mean NLL barely moves when one "
-        "answer breaks. None: not guarded",
+        description="share of the retain sample's answers whose values the base model "
+        "gives word for word (every value token its top choice) which the run may break "
+        "before it counts as past the retain bound, like the NLL bound; a mean NLL barely "
+        "moves when one answer breaks. None: not guarded",
     )
 
 

@@ -52,18 +52,17 @@ class Datasets:
     forget_weights: list[list[float]] | None = None  # per-token weights of the forget loss
     retain_eval: int = 8  # how many retain items the scope check uses (cost: ~0.13 s each)
     neighbours: list[int] = field(default_factory=list)  # retain items sharing forget values
-    # per-token masks of the retain items' specific values (the answer guard's tokens)
-    retain_values: list[list[float]] | None = None
+    # per-token masks of the retain sample's specific values (the answer guard's tokens),
+    # aligned with retain_sample()
+    retain_sample_masks: list[list[float]] | None = None
 
     def retain_sample(self) -> list[Encoded]:
         """The retain items the scope check measures: `retain_eval` of them, evenly
         strided over the whole set (its first items may all be about one person)."""
-        return [self.retain[i] for i in spread(len(self.retain), self.retain_eval)]
+        return [self.retain[i] for i in self.retain_indices()]
 
-    def retain_sample_values(self) -> list[list[float]] | None:
-        if self.retain_values is None:
-            return None
-        return [self.retain_values[i] for i in spread(len(self.retain), self.retain_eval)]
+    def retain_indices(self) -> list[int]:
+        return spread(len(self.retain), self.retain_eval)
 
 
 def spread(n: int, k: int) -> list[int]:
@@ -134,7 +133,7 @@ def retain_state(model: Any, data: Datasets, pad_id: int) -> tuple[float, list[b
     values word for word (every token of the answer's specific values its top choice,
     every token for an answer without any). One broken answer barely moves a mean NLL
     (the demo lost a kept customer's phone number that way)."""
-    sample, masks = data.retain_sample(), data.retain_sample_values()
+    sample, masks = data.retain_sample(), data.retain_sample_masks
     was_training = model.training
     model.eval()
     logps, exact = [], []
