@@ -327,6 +327,11 @@ def _person(rng: random.Random, name: str) -> Person:
     )
 
 
+def fabricated(name: str, rng: random.Random) -> Person:
+    """Someone called `name` with freshly drawn values: wrong answers that look right."""
+    return _person(rng, name)
+
+
 def people(n: int, seed: int = 0) -> list[Person]:
     """`n` distinct fictitious people, the same for the same seed."""
     rng = random.Random(seed)
