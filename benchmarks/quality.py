@@ -118,7 +118,8 @@ def erase(c: Any, svc: Any, name: str, people: list[Any]) -> dict[str, Any]:
         "audit_rounds": job["audit_rounds"],
         "version": job["adapter_version"],
     }
-    if job["adapter_version"] is not None:
+    version = job["adapter_version"]
+    if version is not None and c.adapter(name, version)["downloadable"]:
         folder: Path | None = c.download(
             name,
             job["adapter_version"],
@@ -326,14 +327,19 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, fs in zip(axes, FORGET_SETS, strict=True):
         for r in (r for r in rows if r["forget_set"] == fs):
-            marker = "*" if r["method"] in ("target", "retrained") else "o"
-            ax.scatter(r["utility"], max(r["forget_quality"], 1e-12), marker=marker, s=60)
-            ax.annotate(r["method"], (r["utility"], max(r["forget_quality"], 1e-12)), fontsize=8)
+            xy = (r["utility"], max(r["forget_quality"], 1e-12))
+            if r["method"] in ("target", "retrained"):
+                ax.scatter(*xy, marker="*", s=90, color="black")
+            else:  # hollow: the audit quarantined it (not downloadable)
+                passed = r.get("audit") == "passed"
+                ax.scatter(*xy, s=50, edgecolors="C0", facecolors="C0" if passed else "none")
+            ax.annotate(r["method"], xy, fontsize=8, xytext=(4, 2), textcoords="offset points")
         ax.set_yscale("log")
         ax.set_xlabel("model utility")
         ax.set_title(f"{fs} ({FORGET_SETS[fs]} of 40 people)")
         ax.axhline(0.1, ls="--", lw=0.8, color="grey")
     axes[0].set_ylabel("forget quality (KS p-value, log)")
+    fig.suptitle("hollow: quarantined by the audit; stars: no unlearning", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
