@@ -118,12 +118,10 @@ def erase(c: Any, svc: Any, name: str, people: list[Any]) -> dict[str, Any]:
         "audit_rounds": job["audit_rounds"],
         "version": job["adapter_version"],
     }
-    version = job["adapter_version"]
+    version = job["adapter_version"]  # set for a quarantined version too
     if version is not None and c.adapter(name, version)["downloadable"]:
         folder: Path | None = c.download(
-            name,
-            job["adapter_version"],
-            QUALITY_DIR / "adapters" / name / str(job["adapter_version"]),
+            name, version, QUALITY_DIR / "adapters" / name / str(version)
         )
         row["audit"] = "passed"
     else:
