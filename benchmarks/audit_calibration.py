@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import BENCH_DIR, target
+from benchmarks.common import BENCH_DIR, load_model, target
 from workers.audit.run import AuditInput, audit_adapter
 from workers.ml import loading, synthetic
 from workers.ml.evaluate import greedy_answers
@@ -40,10 +40,7 @@ def identity_adapter(folder: Path, out: Path) -> Path:
 def revealed(
     folder: Path, adapter: Path, person: synthetic.Person, device: str | None, dtype: str | None
 ) -> tuple[int, int]:
-    from peft import PeftModel
-
-    model, tok = loading.load(loading.resolve(str(folder)), loading.pick_placement(device, dtype))
-    model = PeftModel.from_pretrained(model, str(adapter))
+    model, tok = load_model(folder, adapter, device, dtype)
     items = synthetic.qa_items(person)
     answers = greedy_answers(model, tok, [i["prompt"] for i in items])
     hits = synthetic.revealed(answers, synthetic.item_secrets(person))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from workers.ml import synthetic
 from workers.ml.finetune import finetune
@@ -43,6 +44,24 @@ def target(
             flush=True,
         )
     return out, people
+
+
+def load_model(
+    folder: Path,
+    adapter: Path | str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> tuple[Any, Any]:
+    """A benchmark model and its tokenizer, with `adapter` applied by plain PEFT."""
+    from peft import PeftModel
+
+    from workers.ml.loading import load, pick_placement, resolve
+
+    model, tok = load(resolve(str(folder)), pick_placement(device, dtype))
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    return model, tok
 
 
 def unlearn_first_person(folder: Path, people: list, method: dict, workdir: Path) -> tuple:

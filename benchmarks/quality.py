@@ -23,6 +23,8 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -147,16 +149,24 @@ def run_method(svc: Any, key: str, forget_set: str, method: str) -> dict[str, An
         return erase(c, svc, name, forget)
 
 
-def evaluate_models(results: dict[str, Any], forget_set: str) -> None:
+def _measured(folder: Path, adapter: Path | None, forget_set: str) -> dict[str, Any]:
     forget, _, utility = _people(forget_set)
+    t = time.perf_counter()
+    row = qm.measure(folder, adapter, forget, utility)
+    return row | {"measure_s": round(time.perf_counter() - t, 1)}
+
+
+def _keep(results: dict[str, Any], key: str, row: dict[str, Any]) -> None:
+    results[key] = row
+    _save(results)
+    print(key, _brief(row), flush=True)
+
+
+def evaluate_models(results: dict[str, Any], forget_set: str) -> None:
     for name, folder in (("target", target()), ("retrained", retrained(forget_set))):
         key = f"{forget_set}/{name}"
         if key not in results:
-            t = time.perf_counter()
-            results[key] = {"method": name, **qm.measure(folder, None, forget, utility)}
-            results[key]["measure_s"] = round(time.perf_counter() - t, 1)
-            _save(results)
-            print(key, _brief(results[key]), flush=True)
+            _keep(results, key, {"method": name, **_measured(folder, None, forget_set)})
 
 
 def _brief(row: dict[str, Any]) -> str:
@@ -171,25 +181,15 @@ def run(forget_sets: list[str], methods: list[str]) -> None:
     todo = [(fs, m) for fs in forget_sets for m in methods if f"{fs}/{m}" not in results]
     if not todo:
         return
-    svc = _service()
-    key = svc.admin_key()
-    svc.start()
-    try:
+    with _service() as (svc, key):
         for fs, method in todo:
             print(f"{fs}/{method}: through the service", flush=True)
             row = run_method(svc, key, fs, method)
             if row["folder"] is None:
                 print(f"{fs}/{method}", _brief(row), flush=True)
                 continue  # not saved: a rerun tries again
-            forget, _, utility = _people(fs)
-            t = time.perf_counter()
-            row |= qm.measure(target(), Path(row["folder"]), forget, utility)
-            row["measure_s"] = round(time.perf_counter() - t, 1)
-            results[f"{fs}/{method}"] = {"method": method, **row}
-            _save(results)
-            print(f"{fs}/{method}", _brief(results[f"{fs}/{method}"]), flush=True)
-    finally:
-        svc.stop()
+            row |= _measured(target(), Path(row["folder"]), fs)
+            _keep(results, f"{fs}/{method}", {"method": method, **row})
 
 
 def chain(method: str, versions: int = CHAIN_VERSIONS) -> None:
@@ -203,27 +203,21 @@ def chain(method: str, versions: int = CHAIN_VERSIONS) -> None:
     out = QUALITY_DIR / f"chain-{method}.json"
     rows = [{"version": 0, **_chain_measure(None, people[:1], utility)}]
     print(_brief(rows[-1]), flush=True)
-    svc = _service()
-    key = svc.admin_key()
-    svc.start()
-    try:
-        with Client(svc.url, key, timeout=120) as c:
-            name = register(c, f"q-chain-{method}", method, retain)
-            for v in range(1, versions + 1):
-                row = erase(c, svc, name, [people[v - 1]])
-                if row["folder"] is None:
-                    raise RuntimeError(f"version {v}: {row['audit']}")
-                rows.append(
-                    {
-                        "version": v,
-                        **row,
-                        **_chain_measure(Path(row["folder"]), people[:v], utility),
-                    }
-                )
-                out.write_text(json.dumps(rows, indent=1))
-                print(_brief(rows[-1]), flush=True)
-    finally:
-        svc.stop()
+    with _service() as (svc, key), Client(svc.url, key, timeout=120) as c:
+        name = register(c, f"q-chain-{method}", method, retain)
+        for v in range(1, versions + 1):
+            row = erase(c, svc, name, [people[v - 1]])
+            if row["folder"] is None:
+                raise RuntimeError(f"version {v}: {row['audit']}")
+            rows.append(
+                {
+                    "version": v,
+                    **row,
+                    **_chain_measure(Path(row["folder"]), people[:v], utility),
+                }
+            )
+            out.write_text(json.dumps(rows, indent=1))
+            print(_brief(rows[-1]), flush=True)
     plot_chain(rows, QUALITY_DIR / f"chain-{method}.png")
 
 
@@ -258,7 +252,9 @@ def plot_chain(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _service() -> Any:
+@contextmanager
+def _service() -> Iterator[tuple[Any, str]]:
+    """`unlearn up` in a child process under var/bench/quality, and an admin key."""
     from service.demo import EmbeddedService
 
     svc = EmbeddedService(
@@ -266,7 +262,12 @@ def _service() -> Any:
     )
     # The requests of a forget set are sent together: wait long enough to batch them.
     svc.env["BATCH_WINDOW_SECONDS"] = "5"
-    return svc
+    key = svc.admin_key()
+    svc.start()
+    try:
+        yield svc, key
+    finally:
+        svc.stop()
 
 
 def table(results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -27,9 +27,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import load_model
 from workers.audit.scores import auc, example_metrics, token_stats
 from workers.audit.text import rouge_l_recall
-from workers.ml import evaluate, loading, synthetic
+from workers.ml import evaluate, synthetic
 from workers.ml.data import encode_all
 
 PERTURBATIONS = 5
@@ -105,16 +106,6 @@ def _harmonic(values: list[float]) -> float:
     return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
 
 
-def load(folder: Path, adapter: Path | None) -> tuple[Any, Any]:
-    from peft import PeftModel
-
-    model, tok = loading.load(loading.resolve(str(folder)), loading.pick_placement())
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))  # plain PEFT
-    model.eval()
-    return model, tok
-
-
 def measure(
     folder: Path,
     adapter: Path | None,
@@ -123,7 +114,7 @@ def measure(
 ) -> dict[str, Any]:
     """Everything the table needs about one model; `truth_forget` is kept per item for
     the KS test against the retrained model."""
-    model, tok = load(folder, adapter)
+    model, tok = load_model(folder, adapter)
     forget = [i for p in forget_people for i in synthetic.qa_items(p)]
     # other stand-ins than the request's holdout (seed 1), which the engine's stop rule
     # and the audit already compare against: an independent membership test

@@ -17,19 +17,15 @@ import json
 import shutil
 import time
 
-from benchmarks.common import BENCH_DIR, target
+from benchmarks.common import BENCH_DIR, load_model, target
 from benchmarks.unlearn_one_person import secret_hits
-from workers.ml import evaluate, loading, synthetic
+from workers.ml import evaluate, synthetic
 from workers.ml.run import run_job
 from workers.ml.specs import JobSpec
 
 
 def measure(folder, adapter, people, forgotten: int) -> dict:  # type: ignore[no-untyped-def]
-    from peft import PeftModel
-
-    model, tok = loading.load(loading.resolve(str(folder)), loading.pick_placement())
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
+    model, tok = load_model(folder, adapter)
     acc, _ = evaluate.probe_accuracy(model, tok)
     return {
         "forgotten_hits": [secret_hits(model, tok, p) for p in people[:forgotten]],

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from benchmarks.common import BENCH_DIR, target, unlearn_first_person
-from workers.ml import evaluate, loading, synthetic
+from benchmarks.common import BENCH_DIR, load_model, target, unlearn_first_person
+from workers.ml import evaluate, synthetic
 from workers.ml.specs import METHOD_NAMES
 
 
@@ -25,11 +25,7 @@ def secret_hits(model, tok, person) -> int:
 
 
 def measure(folder, adapter, people) -> dict:
-    from peft import PeftModel
-
-    model, tok = loading.load(loading.resolve(str(folder)), loading.pick_placement())
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
+    model, tok = load_model(folder, adapter)
     acc, _ = evaluate.probe_accuracy(model, tok)
     return {
         "forgotten_person_hits": secret_hits(model, tok, people[0]),
