@@ -212,6 +212,73 @@ def test_kept_logits_match_full_logits(tiny_target):
     assert torch.allclose(fast_nll, slow_nll, atol=1e-5)
 
 
+SYSTEM = "You are the records assistant of Example Ltd; answer briefly and precisely."
+
+
+def _plain_and_shared(model, batch):
+    """Kept logits and LoRA gradients of a batch, without and with its prefix shared."""
+    from workers.ml import losses
+
+    out = []
+    for share in (False, True):
+        minimum = losses.MIN_SHARED
+        losses.MIN_SHARED = minimum if share else 10**9
+        try:
+            model.zero_grad(set_to_none=True)
+            logits, targets = losses.kept_logits(model, batch)
+            torch.nn.functional.cross_entropy(logits, targets).backward()
+        finally:
+            losses.MIN_SHARED = minimum
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        out.append((logits.detach(), grads))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_shared_prefix_runs_once_and_gives_the_same_logits_and_gradients(tmp_path, family):
+    from peft import LoraConfig, get_peft_model
+
+    from tests.ml import tiny
+    from workers.ml import losses
+    from workers.ml.data import collate, encode_all
+
+    folder = tiny.build(tmp_path / "m", family=family)
+    model, tok = loading.load(loading.resolve(str(folder)), loading.pick_placement("cpu"))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():  # a trained adapter, not B = 0
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    items = [{"prompt": f"{SYSTEM} {i['prompt']}", "completion": i["completion"]} for i in FORGET]
+    batch = collate(encode_all(tok, items, 128), [0, 1, 2, 3], tok.pad_token_id)
+    keep = losses._keep_mask(batch["labels"])
+    assert losses.shared_prefix_length(batch["input_ids"], keep) >= losses.MIN_SHARED
+
+    counted: list[int] = []  # tokens the network sees per call
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _out: counted.append(int(args[0].numel()))
+    )
+    try:
+        (plain, g_plain), (shared, g_shared) = _plain_and_shared(model, batch)
+    finally:
+        hook.remove()
+    assert losses._SHARED_PREFIX[type(model)] is True  # the once-per-class check passed
+    assert torch.allclose(plain, shared, atol=1e-4)
+    assert torch.allclose(g_plain, g_shared, rtol=1e-3, atol=1e-6)
+    assert sum(counted[-2:]) < 0.8 * counted[0]  # the prefix went through once, not 4x
+
+
+def test_no_prefix_is_shared_with_a_single_row_or_past_the_first_target():
+    from workers.ml import losses
+
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7]])
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[:, 3:5] = True  # position 3 predicts the first target token
+    assert losses.shared_prefix_length(ids, keep) == 3
+    assert losses.shared_prefix_length(ids[:1], keep[:1]) == 0
+    assert losses.shared_prefix_length(torch.tensor([[1, 9], [2, 9]]), keep[:, :2]) == 0
+
+
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])
 def test_other_architectures_unlearn_too(tmp_path, family):
     from tests.ml import tiny
@@ -447,3 +514,80 @@ def test_answer_guard_bounds():
     assert retain_breached(spec, {**base, "retain_kept": 0.8}, {"retain_kept": 0.75})
     off = specs.GA(retain_answers_tolerance=None)
     assert not retain_breached(off, base, {"retain_nll": 0.1, "retain_kept": 0.0})
+
+
+REPAIR = {  # gradient ascent that breaks retain answers on the tiny target, guarded at 0
+    "max_steps": 12,
+    "eval_every": 2,
+    "checkpoint_every": 4,
+    "lr": 5e-3,
+    "retain_tolerance": 3.0,
+    "retain_tolerance_abs": 3.0,
+    "retain_answers_tolerance": 0.0,
+    "retain_patience": 4,
+    "retain_batch_size": 4,
+    "retain_focus": 0.5,
+}
+
+
+def test_broken_retain_answers_become_the_retain_focus(tiny_target, tmp_path, monkeypatch):
+    """Once a check finds guarded answers broken, the focus half of every later retain
+    batch is drawn from exactly those items."""
+    from workers.ml import training
+
+    log: list[tuple[str, list[int]]] = []
+    collate, scope = training.collate, training.scope_metrics
+
+    def spy_collate(encoded, indices, pad_id, weights=None):
+        if len(encoded) == len(RETAIN):  # the training retain set (checks use a slice)
+            log.append(("batch", list(indices)))
+        return collate(encoded, indices, pad_id, weights)
+
+    def spy_scope(*args, broken=None, **kwargs):
+        out = scope(*args, broken=broken, **kwargs)
+        log.append(("check", list(broken or [])))
+        return out
+
+    monkeypatch.setattr(training, "collate", spy_collate)
+    monkeypatch.setattr(training, "scope_metrics", spy_scope)
+    run_job(spec_for(tiny_target, "ga", **REPAIR), tmp_path)
+    first = next(k for k, (kind, ids) in enumerate(log) if kind == "check" and ids)
+    broken: set[int] = set()
+    for kind, ids in log[first:]:
+        if kind == "check":
+            broken |= set(ids)
+        else:
+            focus = min(2, len(broken))  # a pool smaller than the focus fills less of it
+            assert set(ids[:focus]) <= broken, (ids, broken)
+    assert any(kind == "batch" for kind, _ in log[first:])  # the run went on past it
+
+
+def test_a_repairing_run_resumes_bit_for_bit(tiny_target, tmp_path):
+    full = run_job(spec_for(tiny_target, "ga", **REPAIR), tmp_path / "full")
+    evals = full.record["outcome"]["evals"]
+    assert any(e.get("retain_kept", 1.0) < 1.0 for e in evals)  # the repair did start
+    calls = {"n": 0}
+
+    def cancel_at_step_9() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 9
+
+    with pytest.raises(Canceled):
+        run_job(
+            spec_for(tiny_target, "ga", **REPAIR), tmp_path / "cut", should_cancel=cancel_at_step_9
+        )
+    resumed = run_job(spec_for(tiny_target, "ga", **REPAIR), tmp_path / "cut")
+    assert resumed.record["outcome"]["resumed_from"] == 8
+    wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_only_a_check_that_repairs_answers_spares_the_patience():
+    from workers.ml.training import repairing
+
+    on, off = specs.GA(), specs.GA(retain_repair=False)
+    assert repairing(on, 0.9, 0.8)
+    assert not repairing(on, 0.8, 0.8)  # no better than the check before
+    assert not repairing(on, 0.7, 0.8)
+    assert not repairing(on, 0.9, None)  # the first check past the bound
+    assert not repairing(off, 0.9, 0.8)

@@ -4,10 +4,18 @@ Logits are computed only at the positions that predict a target token (transform
 boolean `logits_to_keep`): the vocabulary projection is the largest activation of a
 small model, and prompt positions never need it. Architectures without that argument
 fall back to full logits.
+
+A batch's common prefix (a chat template's system prompt and role header: a third of
+each short item's tokens) goes through the network once and its keys and values are
+repeated over the batch: causal attention makes the prefix's states the same in every
+row, so the logits and gradients are those of the full batch (up to rounding) for a
+fraction of the compute and activation memory. Each model class is checked once
+against the plain forward; a class that differs, or takes no cache, is not shared.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -16,6 +24,11 @@ import torch.nn.functional as F
 from workers.ml.data import IGNORE
 
 _NO_KEEP: set[type] = set()  # model classes that ignore or refuse a boolean logits_to_keep
+_SHARED_PREFIX: dict[type, bool] = {}  # model class -> its shared-prefix forward checked
+MIN_SHARED = 8  # tokens: a shorter common prefix is not worth a second forward call
+# UNLEARN_SHARED_PREFIX=0 switches the sharing off (benchmarks compare the two)
+SHARE_PREFIX = os.environ.get("UNLEARN_SHARED_PREFIX", "1") != "0"
+SHARE_TOLERANCE = 1e-3  # max |logit difference| of the check (float32 rounding is ~1e-5)
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -29,6 +42,73 @@ def _keep_mask(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def _plain_logits(model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    kind = type(model)
+    if kind not in _NO_KEEP:
+        try:
+            logits = model(**inputs, logits_to_keep=keep).logits
+            if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
+                return logits
+        except TypeError:
+            pass
+        _NO_KEEP.add(kind)
+    return model(**inputs).logits[keep]
+
+
+def shared_prefix_length(input_ids: torch.Tensor, keep: torch.Tensor) -> int:
+    """How many leading tokens every row has in common, none of them a kept position
+    (0 for a single row: nothing to share)."""
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0)
+    common = int(same.long().cumprod(0).sum())
+    first_kept = int(keep.long().argmax(dim=1).min()) if bool(keep.any()) else common
+    return min(common, first_kept, input_ids.shape[1] - 1)
+
+
+def _prefix_logits(
+    model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor, p: int
+) -> torch.Tensor:
+    """The kept logits with the first `p` tokens (the same in every row) run once."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    head = model(input_ids=ids[:1, :p], attention_mask=mask[:1, :p], use_cache=True)
+    cache = head.cache  # transformers 5: `cache` (formerly past_key_values)
+    cache.batch_repeat_interleave(ids.shape[0])
+    rest = model(
+        input_ids=ids[:, p:],
+        attention_mask=mask,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=keep[:, p:],
+    ).logits
+    if rest.dim() != 2 or rest.shape[0] != int(keep.sum()):
+        raise TypeError("boolean logits_to_keep not honoured")
+    return rest
+
+
+def _can_share(model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor, p: int) -> bool:
+    """Checked once per model class: the shared-prefix logits equal the plain ones."""
+    kind = type(model)
+    if kind not in _SHARED_PREFIX:
+        try:
+            with torch.no_grad():
+                shared = _prefix_logits(model, inputs, keep, p)
+                plain = _plain_logits(model, inputs, keep)
+            ok = bool((shared.float() - plain.float()).abs().max() <= SHARE_TOLERANCE)
+        except (TypeError, ValueError, AttributeError, RuntimeError):
+            ok = False
+        _SHARED_PREFIX[kind] = ok
+    return _SHARED_PREFIX[kind]
+
+
+def _checkpointing(model: Any) -> bool:
+    # transformers drops the cache inside checkpointed layers: sharing would be wrong.
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new, old
+        if hasattr(type(model), name) or hasattr(model, name):
+            return bool(getattr(model, name))
+    return False
+
+
 def kept_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [N, V] at the kept positions (row-major order) and the targets [N]."""
     device = next(model.parameters()).device
@@ -36,16 +116,15 @@ def kept_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     labels = batch["labels"].to(device)
     keep = _keep_mask(labels)
     targets = labels[:, 1:][keep[:, :-1]]
-    kind = type(model)
-    if kind not in _NO_KEEP:
-        try:
-            logits = model(**inputs, logits_to_keep=keep).logits
-            if logits.dim() == 2 and logits.shape[0] == targets.shape[0]:
-                return logits, targets
-        except TypeError:
-            pass
-        _NO_KEEP.add(kind)
-    return model(**inputs).logits[keep], targets
+    p = shared_prefix_length(inputs["input_ids"], keep)
+    if (
+        SHARE_PREFIX
+        and p >= MIN_SHARED
+        and not _checkpointing(model)
+        and _can_share(model, inputs, keep, p)
+    ):
+        return _prefix_logits(model, inputs, keep, p), targets
+    return _plain_logits(model, inputs, keep), targets
 
 
 def target_logprobs(

@@ -18,7 +18,7 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from workers.ml import adapters, loading, methods, stand_ins
+from workers.ml import adapters, loading, losses, methods, stand_ins
 from workers.ml.data import encode_all, rare_token_weights, value_token_weights
 from workers.ml.memwatch import PeakRSS
 from workers.ml.specs import JobSpec
@@ -153,6 +153,7 @@ def _run(
             "peft": peft.__version__,
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
+            "shared_prefix": losses.SHARE_PREFIX and not m.gradient_checkpointing,
         },
         "durations_s": {
             "load": t_loaded - t0,

@@ -84,6 +84,13 @@ class _MethodBase(BaseModel):
         "retain items whose answers state one of the forget answers' specific values (a "
         "shared employer, street or city), where unlearning bleeds over first",
     )
+    retain_repair: bool = Field(
+        default=True,
+        description="once a scope check finds guarded retain answers broken, the retain "
+        "focus (retain_focus of each retain batch) draws on those items instead of the "
+        "neighbours, so the retain loss works on exactly what broke while the guard's "
+        "patience lasts; without retain_focus every retain batch gets one of them",
+    )
     eval_every: int = Field(default=4, ge=1, description="steps between scope checks")
     retain_eval_items: int = Field(
         default=8,

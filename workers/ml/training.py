@@ -52,6 +52,7 @@ class Datasets:
     forget_weights: list[list[float]] | None = None  # per-token weights of the forget loss
     retain_eval: int = 8  # how many retain items the scope check uses (cost: ~0.13 s each)
     neighbours: list[int] = field(default_factory=list)  # retain items sharing forget values
+    repair: list[int] = field(default_factory=list)  # guarded retain answers found broken
     # per-token masks of the retain sample's specific values (the answer guard's tokens),
     # aligned with retain_sample()
     retain_sample_masks: list[list[float]] | None = None
@@ -159,9 +160,11 @@ def scope_metrics(
     pad_id: int,
     forget_logp: torch.Tensor | None = None,
     intact: list[bool] | None = None,
+    broken: list[int] | None = None,
 ) -> dict[str, float]:
     """Mean forget probability exp(-NLL) and NLL, mean retain NLL (per-item token
-    averages) and, given the base model's `intact` answers, the share of them kept.
+    averages) and, given the base model's `intact` answers, the share of them kept
+    (appending to `broken` the retain indices of those no longer kept).
     `forget_logp` reuses log-probs already computed for this state."""
     if forget_logp is None:
         forget_logp = sequence_logprobs(model, data.forget, pad_id)
@@ -172,6 +175,9 @@ def scope_metrics(
         kept = kept_share(intact, exact) if intact is not None else None
         if kept is not None:
             out["retain_kept"] = kept
+            if broken is not None and intact is not None:  # the guarded answers now broken
+                pairs = zip(data.retain_indices(), intact, exact, strict=True)
+                broken += [i for i, was, now in pairs if was and not now]
     return out
 
 
@@ -203,6 +209,38 @@ def retain_breached(spec: Any, base: dict[str, float], now: dict[str, float]) ->
         return False
     floor = min(1.0 - spec.retain_answers_tolerance, base.get("retain_kept", 1.0))
     return now["retain_kept"] < floor - 1e-9
+
+
+def retain_orders(
+    spec: Any, data: Datasets, retain_bs: int
+) -> tuple[BatchOrder | None, BatchOrder | None]:
+    """The batch orders of a retain batch's two parts: the strided rest of the retain
+    set, and the focus (`retain_focus` of the batch) drawn from `focus_pool(data)`."""
+    focus = round(spec.retain_focus * retain_bs) if focus_pool(data) else 0
+    if data.repair:
+        focus = max(focus, 1)
+    focus = min(retain_bs, focus)
+    retain_order = (
+        BatchOrder(len(data.retain), retain_bs - focus, spec.seed + 1)
+        if data.retain and retain_bs > focus
+        else None
+    )
+    neighbour_order = BatchOrder(len(focus_pool(data)), focus, spec.seed + 2) if focus else None
+    return retain_order, neighbour_order
+
+
+def focus_pool(data: Datasets) -> list[int]:
+    """The retain items the focus draws on: the guarded answers found broken once there
+    are any (the retain loss then works on exactly those), else the neighbours."""
+    return data.repair or data.neighbours
+
+
+def repairing(spec: Any, kept: float | None, previous: float | None) -> bool:
+    """A check past the bound that finds more guarded answers given than the check
+    before did is being repaired (`retain_repair`): it does not use up the patience."""
+    if not spec.retain_repair or kept is None or previous is None:
+        return False
+    return kept > previous + 1e-9
 
 
 def _schedule(spec: Any) -> Callable[[int], float]:
@@ -242,13 +280,6 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(spec))
     forget_order = BatchOrder(len(data.forget), spec.batch_size, spec.seed)
     retain_bs = spec.retain_batch_size or spec.batch_size
-    focus = min(retain_bs, round(spec.retain_focus * retain_bs)) if data.neighbours else 0
-    retain_order = (
-        BatchOrder(len(data.retain), retain_bs - focus, spec.seed + 1)
-        if data.retain and retain_bs > focus
-        else None
-    )
-    neighbour_order = BatchOrder(len(data.neighbours), focus, spec.seed + 2) if focus else None
     ckpt_path = workdir / CHECKPOINT
 
     if ckpt_path.is_file():
@@ -259,6 +290,7 @@ def train(
         step, refs, base = ck["step"], ck["refs"], ck["base"]
         best_state, best_step = ck["best_state"], ck["best_step"]
         breaches, intact = ck.get("breaches", 0), ck.get("intact", [])
+        data.repair, last_kept = ck.get("repair", []), ck.get("last_kept")
         curve, evals, tokens = ck["curve"], ck["evals"], ck["tokens"]
         resumed_from: int | None = step
     else:
@@ -294,8 +326,10 @@ def train(
             )
             refs.extra["holdout_nll"] = base["holdout_nll"]
         step, best_step, best_state, breaches = 0, 0, trainable_state(model), 0
+        last_kept = None
         curve, evals, tokens, resumed_from = [], [dict(base, step=0)], 0, None
     check_seconds = time.perf_counter() - start
+    retain_order, neighbour_order = retain_orders(spec, data, retain_bs)
 
     threshold = stop_threshold(spec, base)
     stopped = "max_steps"
@@ -311,7 +345,8 @@ def train(
             forget = collate(data.forget, f_idx, pad_id, data.forget_weights)
             r_idx = retain_order.batch(k) if retain_order else []
             if neighbour_order is not None:
-                r_idx = [data.neighbours[j] for j in neighbour_order.batch(k)] + r_idx
+                pool = focus_pool(data)
+                r_idx = [pool[j] for j in neighbour_order.batch(k)] + r_idx
             retain = collate(data.retain, r_idx, pad_id) if r_idx else None
             substitute = None
             if data.substitutes is not None:  # each item's substitutes in turn
@@ -335,11 +370,19 @@ def train(
 
         if step % spec.eval_every == 0 or step == spec.max_steps:
             t_check = time.perf_counter()
-            now = scope_metrics(model, data, pad_id, intact=intact)
+            broken: list[int] = []
+            now = scope_metrics(model, data, pad_id, intact=intact, broken=broken)
             check_seconds += time.perf_counter() - t_check
             evals.append(dict(now, step=step))
+            kept, previous = now.get("retain_kept"), last_kept
+            last_kept = kept if kept is not None else last_kept
             if retain_breached(spec, base, now):
-                breaches += 1  # the retain term may still pull it back within bounds
+                # the retain term may still pull it back within bounds
+                breaches += 0 if repairing(spec, kept, previous) else 1
+                fresh = [i for i in broken if i not in data.repair]
+                if spec.retain_repair and fresh:  # the focus works on what broke from now on
+                    data.repair += fresh
+                    retain_order, neighbour_order = retain_orders(spec, data, retain_bs)
                 if breaches > spec.retain_patience or step == spec.max_steps:
                     load_trainable(model, best_state)  # the last state within bounds
                     stopped = "retain_guard"
@@ -364,6 +407,8 @@ def train(
                     "best_step": best_step,
                     "breaches": breaches,
                     "intact": intact,
+                    "repair": data.repair,
+                    "last_kept": last_kept,
                     "curve": curve,
                     "evals": evals,
                     "tokens": tokens,
