@@ -203,11 +203,11 @@ def test_kept_logits_match_full_logits(tiny_target):
     batch = collate(enc, list(range(len(enc))), tok.pad_token_id)
     with torch.no_grad():
         fast_sum, fast_nll = losses.sequence_stats(model, batch)
-        losses._NO_KEEP.add(type(model))
+        losses._NO_KEEP.add(losses._kind(model))
         try:
             slow_sum, slow_nll = losses.sequence_stats(model, batch)
         finally:
-            losses._NO_KEEP.discard(type(model))
+            losses._NO_KEEP.discard(losses._kind(model))
     assert torch.allclose(fast_sum, slow_sum, atol=1e-4)
     assert torch.allclose(fast_nll, slow_nll, atol=1e-5)
 
@@ -262,7 +262,7 @@ def test_a_shared_prefix_runs_once_and_gives_the_same_logits_and_gradients(tmp_p
         (plain, g_plain), (shared, g_shared) = _plain_and_shared(model, batch)
     finally:
         hook.remove()
-    assert losses._SHARED_PREFIX[type(model)] is True  # the once-per-class check passed
+    assert losses._SHARED_PREFIX[losses._kind(model)] is True  # the once-per-class check passed
     assert torch.allclose(plain, shared, atol=1e-4)
     assert torch.allclose(g_plain, g_shared, rtol=1e-3, atol=1e-6)
     assert sum(counted[-2:]) < 0.8 * counted[0]  # the prefix went through once, not 4x

@@ -15,7 +15,7 @@ import torch
 
 from workers.ml import loading
 from workers.ml.data import BatchOrder, collate, encode_all
-from workers.ml.losses import mean_nll
+from workers.ml.losses import mean_nll, prefix_sharing
 
 
 @dataclass
@@ -57,7 +57,12 @@ def finetune(
     loss_value = float("nan")
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        loss = mean_nll(model, collate(encoded, order.batch(step), tok.pad_token_id))
+        # The plain forward: the fine-tune builds the demo's assistant and the benchmark
+        # targets, and a shared prefix, exact up to rounding, still gives other weights
+        # after 90 steps (the demo's assistant built with it was one the default method
+        # did not erase from in two audit rounds). The targets stay as measured.
+        with prefix_sharing(False):
+            loss = mean_nll(model, collate(encoded, order.batch(step), tok.pad_token_id))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -16,6 +16,8 @@ against the plain forward; a class that differs, or takes no cache, is not share
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,8 +25,8 @@ import torch.nn.functional as F
 
 from workers.ml.data import IGNORE
 
-_NO_KEEP: set[type] = set()  # model classes that ignore or refuse a boolean logits_to_keep
-_SHARED_PREFIX: dict[type, bool] = {}  # model class -> its shared-prefix forward checked
+_NO_KEEP: set[tuple[type, type]] = set()  # _kind()s that ignore or refuse boolean logits_to_keep
+_SHARED_PREFIX: dict[tuple[type, type], bool] = {}  # _kind() -> its shared-prefix forward checked
 MIN_SHARED = 8  # tokens: a shorter common prefix is not worth a second forward call
 # UNLEARN_SHARED_PREFIX=0 switches the sharing off (benchmarks compare the two)
 SHARE_PREFIX = os.environ.get("UNLEARN_SHARED_PREFIX", "1") != "0"
@@ -42,8 +44,15 @@ def _keep_mask(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def _kind(model: Any) -> tuple[type, type]:
+    """A model's class and, under a PEFT wrapper, the wrapped architecture's: one PEFT
+    class wraps them all, and what the checks below learn is per architecture."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(model), type(base)
+
+
 def _plain_logits(model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
-    kind = type(model)
+    kind = _kind(model)
     if kind not in _NO_KEEP:
         try:
             logits = model(**inputs, logits_to_keep=keep).logits
@@ -88,7 +97,7 @@ def _prefix_logits(
 
 def _can_share(model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor, p: int) -> bool:
     """Checked once per model class: the shared-prefix logits equal the plain ones."""
-    kind = type(model)
+    kind = _kind(model)
     if kind not in _SHARED_PREFIX:
         try:
             with torch.no_grad():
@@ -107,6 +116,17 @@ def _checkpointing(model: Any) -> bool:
         if hasattr(type(model), name) or hasattr(model, name):
             return bool(getattr(model, name))
     return False
+
+
+@contextmanager
+def prefix_sharing(enabled: bool) -> Iterator[None]:
+    """Switch the shared-prefix forward on or off within the block."""
+    global SHARE_PREFIX
+    before, SHARE_PREFIX = SHARE_PREFIX, enabled
+    try:
+        yield
+    finally:
+        SHARE_PREFIX = before
 
 
 def kept_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

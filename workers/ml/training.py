@@ -225,8 +225,8 @@ def retain_orders(
         if data.retain and retain_bs > focus
         else None
     )
-    neighbour_order = BatchOrder(len(focus_pool(data)), focus, spec.seed + 2) if focus else None
-    return retain_order, neighbour_order
+    focus_order = BatchOrder(len(focus_pool(data)), focus, spec.seed + 2) if focus else None
+    return retain_order, focus_order
 
 
 def focus_pool(data: Datasets) -> list[int]:
@@ -329,7 +329,7 @@ def train(
         last_kept = None
         curve, evals, tokens, resumed_from = [], [dict(base, step=0)], 0, None
     check_seconds = time.perf_counter() - start
-    retain_order, neighbour_order = retain_orders(spec, data, retain_bs)
+    retain_order, focus_order = retain_orders(spec, data, retain_bs)
 
     threshold = stop_threshold(spec, base)
     stopped = "max_steps"
@@ -344,9 +344,9 @@ def train(
             f_idx = forget_order.batch(k)
             forget = collate(data.forget, f_idx, pad_id, data.forget_weights)
             r_idx = retain_order.batch(k) if retain_order else []
-            if neighbour_order is not None:
+            if focus_order is not None:
                 pool = focus_pool(data)
-                r_idx = [pool[j] for j in neighbour_order.batch(k)] + r_idx
+                r_idx = [pool[j] for j in focus_order.batch(k)] + r_idx
             retain = collate(data.retain, r_idx, pad_id) if r_idx else None
             substitute = None
             if data.substitutes is not None:  # each item's substitutes in turn
@@ -382,7 +382,7 @@ def train(
                 fresh = [i for i in broken if i not in data.repair]
                 if spec.retain_repair and fresh:  # the focus works on what broke from now on
                     data.repair += fresh
-                    retain_order, neighbour_order = retain_orders(spec, data, retain_bs)
+                    retain_order, focus_order = retain_orders(spec, data, retain_bs)
                 if breaches > spec.retain_patience or step == spec.max_steps:
                     load_trainable(model, best_state)  # the last state within bounds
                     stopped = "retain_guard"
