@@ -263,6 +263,7 @@ def test_a_shared_prefix_runs_once_and_gives_the_same_logits_and_gradients(tmp_p
     finally:
         hook.remove()
     assert losses._SHARED_PREFIX[losses._kind(model)] is True  # the once-per-class check passed
+    assert losses.shared_prefix_used(model)
     assert torch.allclose(plain, shared, atol=1e-4)
     assert torch.allclose(g_plain, g_shared, rtol=1e-3, atol=1e-6)
     assert sum(counted[-2:]) < 0.8 * counted[0]  # the prefix went through once, not 4x

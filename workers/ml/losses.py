@@ -118,6 +118,12 @@ def _checkpointing(model: Any) -> bool:
     return False
 
 
+def shared_prefix_used(model: Any) -> bool:
+    """Whether this model's batches went through the shared-prefix forward (its check
+    ran and passed, and nothing switched it off)."""
+    return SHARE_PREFIX and not _checkpointing(model) and _SHARED_PREFIX.get(_kind(model), False)
+
+
 @contextmanager
 def prefix_sharing(enabled: bool) -> Iterator[None]:
     """Switch the shared-prefix forward on or off within the block."""

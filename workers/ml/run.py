@@ -153,7 +153,7 @@ def _run(
             "peft": peft.__version__,
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
-            "shared_prefix": losses.SHARE_PREFIX and not m.gradient_checkpointing,
+            "shared_prefix": losses.shared_prefix_used(model),
         },
         "durations_s": {
             "load": t_loaded - t0,
