@@ -221,14 +221,10 @@ def _plain_and_shared(model, batch):
 
     out = []
     for share in (False, True):
-        minimum = losses.MIN_SHARED
-        losses.MIN_SHARED = minimum if share else 10**9
-        try:
+        with losses.prefix_sharing(share):
             model.zero_grad(set_to_none=True)
             logits, targets = losses.kept_logits(model, batch)
             torch.nn.functional.cross_entropy(logits, targets).backward()
-        finally:
-            losses.MIN_SHARED = minimum
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
         out.append((logits.detach(), grads))
     return out

@@ -110,18 +110,21 @@ def _can_share(model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor, 
     return _SHARED_PREFIX[kind]
 
 
-def _checkpointing(model: Any) -> bool:
-    # transformers drops the cache inside checkpointed layers: sharing would be wrong.
+def _sharing_allowed(model: Any) -> bool:
+    """Not switched off, and no gradient checkpointing: transformers drops the cache
+    inside checkpointed layers, so sharing would be wrong there."""
+    if not SHARE_PREFIX:
+        return False
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new, old
         if hasattr(type(model), name) or hasattr(model, name):
-            return bool(getattr(model, name))
-    return False
+            return not getattr(model, name)
+    return True
 
 
 def shared_prefix_used(model: Any) -> bool:
     """Whether this model's batches went through the shared-prefix forward (its check
     ran and passed, and nothing switched it off)."""
-    return SHARE_PREFIX and not _checkpointing(model) and _SHARED_PREFIX.get(_kind(model), False)
+    return _sharing_allowed(model) and _SHARED_PREFIX.get(_kind(model), False)
 
 
 @contextmanager
@@ -143,12 +146,7 @@ def kept_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     keep = _keep_mask(labels)
     targets = labels[:, 1:][keep[:, :-1]]
     p = shared_prefix_length(inputs["input_ids"], keep)
-    if (
-        SHARE_PREFIX
-        and p >= MIN_SHARED
-        and not _checkpointing(model)
-        and _can_share(model, inputs, keep, p)
-    ):
+    if p >= MIN_SHARED and _sharing_allowed(model) and _can_share(model, inputs, keep, p):
         return _prefix_logits(model, inputs, keep, p), targets
     return _plain_logits(model, inputs, keep), targets
 

@@ -374,11 +374,10 @@ def train(
             now = scope_metrics(model, data, pad_id, intact=intact, broken=broken)
             check_seconds += time.perf_counter() - t_check
             evals.append(dict(now, step=step))
-            kept, previous = now.get("retain_kept"), last_kept
-            last_kept = kept if kept is not None else last_kept
+            previous, last_kept = last_kept, now.get("retain_kept")
             if retain_breached(spec, base, now):
                 # the retain term may still pull it back within bounds
-                breaches += 0 if repairing(spec, kept, previous) else 1
+                breaches += 0 if repairing(spec, last_kept, previous) else 1
                 fresh = [i for i in broken if i not in data.repair]
                 if spec.retain_repair and fresh:  # the focus works on what broke from now on
                     data.repair += fresh
