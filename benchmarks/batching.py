@@ -6,7 +6,10 @@ workers run one job per model at a time). This benchmark runs both on the engine
 workers call it (round 0, the model's default method, no audit):
 
 - `batch`: one job whose forget set is all sixteen people's items and whose holdout is
-  their sixteen stand-ins, as `workers.pipeline` concatenates a job's requests;
+  their sixteen stand-ins, each request's runs marked as `workers.pipeline` marks them
+  (`forget_groups`, `holdout_groups`: each request held to the stop rule and given a job
+  of one's step budget); `--ungrouped` runs it as one undivided forget set (the service
+  before 2026-12-01), stored as `batch_ungrouped`;
 - `chain`: sixteen jobs of one person each, job k continuing from version k-1 (the
   first five versions are also the sequential-requests benchmark: earlier forgetting
   must hold at every version).
@@ -52,16 +55,26 @@ def measure(folder: Path, adapter: Path | None, forgotten: list, kept: list) -> 
 
 
 def job(
-    folder: Path, people: list, retain: list, previous: Path | None, work: Path
+    folder: Path,
+    people: list,
+    retain: list,
+    previous: Path | None,
+    work: Path,
+    grouped: bool = True,
 ) -> dict[str, Any]:
     """One engine job forgetting `people` (reused when its folder holds a finished one)."""
     done = work / "record.json"
     if not done.is_file():
+        forget = [synthetic.qa_items(p) for p in people]
+        holdout = [synthetic.holdout_for(p) for p in people]
+        groups = grouped and len(people) > 1
         spec = JobSpec(
             model_source=str(folder),
-            forget=[i for p in people for i in synthetic.qa_items(p)],
+            forget=[i for items in forget for i in items],
+            forget_groups=[len(items) for items in forget] if groups else None,
             retain=retain,
-            holdout=[i for p in people for i in synthetic.holdout_for(p)],
+            holdout=[i for items in holdout for i in items],
+            holdout_groups=[len(items) for items in holdout] if groups else None,
             previous_adapter=str(previous) if previous else None,
         )
         run_job(spec, work)
@@ -69,6 +82,9 @@ def job(
     out = record["outcome"]
     return {
         "forget_items": record["items"]["forget"],
+        "batched_requests": record.get("batched_requests", 1),
+        "max_steps": record["method"]["max_steps"],
+        "check_s": round(out["check_seconds"], 1),
         "stopped": out["stopped"],
         "steps": out["steps"],
         "best_step": out["best_step"],
@@ -89,6 +105,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--kept", type=int, default=4)
     ap.add_argument("--arms", default="batch,chain")
+    ap.add_argument("--ungrouped", action="store_true", help="the batch arm as one forget set")
     ap.add_argument(
         "--eval-versions",
         default="1,2,3,4,5,8,12,16",
@@ -110,14 +127,15 @@ def main() -> None:
     print("target", json.dumps(results["target"]), flush=True)
 
     if "batch" in args.arms.split(","):
-        row = job(folder, forgotten, retain, None, OUT / "batch")
-        if "forgotten_hits" not in results.get("batch", {}):
-            row |= measure(folder, OUT / "batch" / "adapter", forgotten, kept)
+        arm = "batch_ungrouped" if args.ungrouped else "batch"
+        row = job(folder, forgotten, retain, None, OUT / arm, grouped=not args.ungrouped)
+        if "forgotten_hits" not in results.get(arm, {}):
+            row |= measure(folder, OUT / arm / "adapter", forgotten, kept)
         else:
-            row = results["batch"] | row
-        results["batch"] = row
+            row = results[arm] | row
+        results[arm] = row
         save()
-        print("batch", json.dumps(row), flush=True)
+        print(arm, json.dumps(row), flush=True)
 
     if "chain" in args.arms.split(","):
         evaluated = {int(v) for v in args.eval_versions.split(",")}

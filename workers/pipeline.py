@@ -18,6 +18,7 @@ audit, publish (docs/workers.md has the whole policy).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import threading
@@ -95,6 +96,7 @@ class JobInput:
     forget: list[dict[str, str]]
     forget_owner: list[str]  # the request each forget item came from
     holdout: list[dict[str, str]]
+    holdout_sizes: list[int]  # per request, in order (empty where one request gave none)
     retain: list[dict[str, str]]
     method: dict[str, Any]
     parent_version: int | None
@@ -122,6 +124,7 @@ def _read_input(job_id: str, worker_id: str) -> JobInput:
         forget: list[dict[str, str]] = []
         owners: list[str] = []
         holdout: list[dict[str, str]] = []
+        holdout_sizes: list[int] = []
         for req in reqs:
             items, held = _decrypt(req)
             if not items:
@@ -129,6 +132,7 @@ def _read_input(job_id: str, worker_id: str) -> JobInput:
             forget += items
             owners += [req.id] * len(items)
             holdout += held
+            holdout_sizes.append(len(held))
         regression: list[dict[str, str]] = []
         regression_owner: list[str] = []
         for req in _earlier_requests(s, job.model_id):
@@ -151,6 +155,7 @@ def _read_input(job_id: str, worker_id: str) -> JobInput:
             request_ids=[r.id for r in reqs],
             forget=forget,
             holdout=holdout,
+            holdout_sizes=holdout_sizes if all(holdout_sizes) else [],
             retain=list(model.retain_items),
             method=method,
             parent_version=job.parent_version,
@@ -161,6 +166,15 @@ def _read_input(job_id: str, worker_id: str) -> JobInput:
             regression=regression,
             regression_owner=regression_owner,
         )
+
+
+def batched_groups(inp: JobInput) -> tuple[list[int] | None, list[int] | None]:
+    """A job of several requests: the sizes of each request's forget (and holdout) items,
+    so the engine stops only once every request is forgotten, not their mean."""
+    if len(inp.request_ids) < 2:
+        return None, None
+    sizes = [len(list(run)) for _, run in itertools.groupby(inp.forget_owner)]
+    return sizes, inp.holdout_sizes or None
 
 
 # The regression check re-measures at most this many items of earlier requests, the
@@ -441,6 +455,7 @@ def _train(
     done = rundir / "record.json"
     if done.is_file() and (rundir / "adapter" / "adapter_model.safetensors").is_file():
         return {"adapter_dir": str(rundir / "adapter"), "record": json.loads(done.read_text())}
+    forget_groups, holdout_groups = batched_groups(inp)
     while True:
         spec = JobSpec(
             model_source=inp.model_source,
@@ -450,6 +465,8 @@ def _train(
             method=method,  # type: ignore[arg-type]
             previous_adapter=str(previous) if previous else None,
             model_cache=str(settings.model_cache),
+            forget_groups=forget_groups,
+            holdout_groups=holdout_groups,
         )
 
         def progress(fraction: float, _logs: dict[str, float]) -> None:

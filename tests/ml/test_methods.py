@@ -3,11 +3,14 @@ resumable, and writes an adapter plain PEFT loads."""
 
 from __future__ import annotations
 
+import math
+import types
 import typing
 
 import pytest
 import torch
 from peft import PeftModel
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from tests.ml.targets import FORGET, FORGET_B, RETAIN
@@ -588,3 +591,139 @@ def test_only_a_check_that_repairs_answers_spares_the_patience():
     assert not repairing(on, 0.7, 0.8)
     assert not repairing(on, 0.9, None)  # the first check past the bound
     assert not repairing(off, 0.9, 0.8)
+
+
+def _one_token_items(n: int) -> list:
+    from workers.ml.data import Encoded
+
+    return [Encoded(input_ids=[1, 2], labels=[-100, 2]) for _ in range(n)]
+
+
+def test_a_batched_job_is_forgotten_only_when_every_request_is():
+    from workers.ml.training import Datasets, forgotten, group_thresholds, groups_left, runs
+
+    # two requests: four items already unlikely, one still memorised
+    data = Datasets(
+        forget=_one_token_items(5),
+        retain=[],
+        holdout=_one_token_items(2),
+        forget_groups=runs([4, 1], 5),
+        holdout_groups=runs([1, 1], 2),
+    )
+    spec = types.SimpleNamespace(stop_target="holdout", stop_forget_ratio=0.1)
+    thresholds = group_thresholds(spec, data, torch.zeros(5), torch.log(torch.tensor([0.5, 0.3])))
+    assert thresholds == pytest.approx([0.5, 0.3])  # each request against its own holdout
+    logp = torch.log(torch.tensor([0.1, 0.1, 0.1, 0.1, 0.9]))
+    now = {"forget_prob": logp.exp().mean().item()}
+    now["forget_groups_left"] = float(groups_left(logp, data, thresholds))
+    assert now["forget_groups_left"] == 1
+    assert forgotten(now, 0.4, None)  # the job's mean (0.26) alone would stop here
+    assert not forgotten(now, 0.4, thresholds)
+    logp[4] = math.log(0.2)
+    assert groups_left(logp, data, thresholds) == 0
+
+    data.holdout_groups = []  # holdout items not grouped: every request against all
+    level = group_thresholds(spec, data, torch.zeros(5), torch.log(torch.tensor([0.5, 0.3])))
+    assert level == pytest.approx([0.4, 0.4])
+    ratio = types.SimpleNamespace(stop_target="ratio", stop_forget_ratio=0.5)
+    assert group_thresholds(ratio, data, logp, None) == pytest.approx([0.05, 0.1])
+    data.forget_groups = runs(None, 5)  # one request: the job's own rule
+    assert group_thresholds(spec, data, logp, None) is None
+
+
+def test_groups_must_cover_their_items_and_a_batched_job_gets_each_request_a_budget():
+    with pytest.raises(ValidationError, match="add up to 3, but there are 4"):
+        JobSpec(forget=FORGET[:4], forget_groups=[1, 2])
+    with pytest.raises(ValidationError, match="one size per forget group"):
+        JobSpec(forget=FORGET[:4], holdout=FORGET[4:6], holdout_groups=[2])
+    method = specs.default_method()
+    batched = specs.for_batched_job(method, 4)
+    assert batched.max_steps == 4 * method.max_steps
+    warmup = math.ceil(method.warmup_ratio * method.max_steps)
+    assert math.ceil(batched.warmup_ratio * batched.max_steps) == warmup  # same warm-up
+    assert specs.for_batched_job(method, 1) is method
+
+
+def test_a_batched_job_stops_once_each_request_is_under_its_own_level(tiny_target, tmp_path):
+    from workers.ml.data import encode_all
+    from workers.ml.training import group_probs, runs, sequence_logprobs
+
+    forget = FORGET + FORGET_B[:4]
+    spec = JobSpec(
+        model_source=tiny_target,
+        forget=forget,
+        forget_groups=[8, 4],
+        retain=RETAIN,
+        method={
+            "name": "simnpo",
+            "lr": LR["simnpo"],
+            **FAST,
+            "max_steps": 60,  # each request: 60, as test_scope_control_stops_when_forgotten
+            "stop_forget_ratio": 0.5,
+            "forget_eval_items": 5,  # measured in 3 turns of 4 items
+        },
+    )
+    result = run_job(spec, tmp_path)
+    record, out = result.record, result.record["outcome"]
+    assert record["batched_requests"] == 2 and record["method"]["max_steps"] == 120
+    assert all("forget_groups_left" in e for e in out["evals"])
+    assert out["stopped"] == "forgotten" and out["final"]["forget_groups_left"] == 0
+    assert [e["forget_measured"] for e in out["evals"][1:-1]] == [4.0] * (len(out["evals"]) - 2)
+    assert out["evals"][-1]["forget_measured"] == 12.0  # confirmed on every item
+    # measured again on the published adapter, with plain PEFT: each request under its level
+    base, tok = loading.load(loading.resolve(tiny_target), loading.pick_placement("cpu"))
+    encoded = encode_all(tok, forget, 128)
+    before = group_probs(
+        sequence_logprobs(base, encoded, tok.pad_token_id), encoded, runs([8, 4], 12)
+    )
+    assert out["group_thresholds"] == pytest.approx([0.5 * p for p in before], rel=1e-4)
+    model = PeftModel.from_pretrained(base, result.adapter_dir)
+    after = group_probs(
+        sequence_logprobs(model, encoded, tok.pad_token_id), encoded, runs([8, 4], 12)
+    )
+    assert all(a <= t + 1e-4 for a, t in zip(after, out["group_thresholds"], strict=True))
+
+
+def test_forget_items_are_measured_in_turns_that_cover_every_request():
+    from workers.ml.training import forget_turn
+
+    spec = types.SimpleNamespace(forget_eval_items=40)
+    assert forget_turn(spec, 20, 0) is None  # one person's items: all, every check
+    turns = [forget_turn(spec, 100, c) for c in range(3)]
+    assert turns[0] == list(range(0, 100, 3)) and turns[1] == list(range(1, 100, 3))
+    assert sorted(i for t in turns for i in t) == list(range(100))
+    assert forget_turn(spec, 100, 3) == turns[0]
+    assert all({i // 20 for i in t} == set(range(5)) for t in turns)  # all 5 requests
+    assert forget_turn(types.SimpleNamespace(forget_eval_items=None), 100, 1) is None
+
+
+def test_a_batched_job_measured_in_turns_resumes_bit_for_bit(tiny_target, tmp_path):
+    def spec() -> JobSpec:
+        return JobSpec(
+            model_source=tiny_target,
+            forget=FORGET + FORGET_B,
+            forget_groups=[8, 8],
+            retain=RETAIN,
+            method={
+                "name": "npo",
+                "lr": LR["npo"],
+                **FAST,
+                "max_steps": 8,
+                "forget_eval_items": 6,
+            },
+        )
+
+    full = run_job(spec(), tmp_path / "full")
+    calls = {"n": 0}
+
+    def cancel_at_step_13() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 13
+
+    with pytest.raises(Canceled):
+        run_job(spec(), tmp_path / "cut", should_cancel=cancel_at_step_13)
+    resumed = run_job(spec(), tmp_path / "cut")
+    assert resumed.record["outcome"]["resumed_from"] == 10
+    wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert resumed.record["outcome"]["evals"] == full.record["outcome"]["evals"]

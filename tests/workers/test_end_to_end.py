@@ -183,3 +183,29 @@ def test_the_python_client_submits_waits_audits_and_downloads(stack: Stack, live
         app, ["download", "tiny", "--version", "7", "--out", str(tmp_path / "x"), *opts]
     )
     assert res.exit_code == 1 and "404" in res.output
+
+
+def test_requests_batched_into_one_job_are_each_held_to_the_stop_rule(
+    stack: Stack, settings, tmp_path
+):
+    settings.batch_window_seconds = 60
+    settings.batch_max_requests = 2  # the two requests below make one job
+    stack.start_worker()
+    first = stack.submit(FORGET, method=FAST_METHOD)
+    second = stack.submit(FORGET_B, method=FAST_METHOD)
+    for rid in (first, second):
+        done = stack.wait_status(rid, {"completed", "failed"}, timeout=300)
+        assert done["status"] == "completed" and done["adapter_version"] == 1, stack.logs()
+
+    r = _download(stack, "1")
+    assert r.status_code == 200, r.text
+    with tarfile.open(fileobj=io.BytesIO(r.content), mode="r:gz") as tar:
+        tar.extractall(tmp_path / "v1", filter="data")
+    manifest = json.loads((tmp_path / "v1" / "manifest.json").read_text())
+    assert sorted(manifest["covered_requests"]) == sorted([first, second])
+    record = json.loads((tmp_path / "v1" / "record.json").read_text())
+    # each request got a job of one's step budget and its own stop level
+    assert record["batched_requests"] == 2
+    assert record["method"]["max_steps"] == 2 * FAST_METHOD["max_steps"]
+    assert len(record["outcome"]["group_thresholds"]) == 2
+    assert all("forget_groups_left" in e for e in record["outcome"]["evals"])

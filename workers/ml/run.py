@@ -21,8 +21,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from workers.ml import adapters, loading, losses, methods, stand_ins
 from workers.ml.data import encode_all, rare_token_weights, value_token_weights
 from workers.ml.memwatch import PeakRSS
-from workers.ml.specs import JobSpec
-from workers.ml.training import CancelFn, Datasets, ProgressFn, train
+from workers.ml.specs import JobSpec, for_batched_job
+from workers.ml.training import CancelFn, Datasets, ProgressFn, runs, train
 from workers.ml.values import neighbours
 
 ENGINE_VERSION = "1"
@@ -69,7 +69,8 @@ def _run(
 ) -> JobResult:
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
-    m = spec.method
+    requests = len(spec.forget_groups or [None])
+    m = for_batched_job(spec.method, requests)  # the record keeps these settings
     resolved = loading.resolve(
         spec.model_source, Path(spec.model_cache) if spec.model_cache else None
     )
@@ -95,6 +96,10 @@ def _run(
         holdout=encode_all(tok, holdout, m.max_length),
         retain_eval=m.retain_eval_items,
     )
+    if spec.forget_groups is not None:
+        data.forget_groups = runs(spec.forget_groups, len(forget))
+    if spec.holdout_groups is not None:
+        data.holdout_groups = runs(spec.holdout_groups, len(holdout))
     retain = [i.plain() for i in spec.retain]
     if m.retain_focus > 0:
         data.neighbours = neighbours(forget, retain)
@@ -136,6 +141,7 @@ def _run(
             "weights_bytes": base_bytes,
         },
         "previous_adapter": spec.previous_adapter,
+        "batched_requests": requests,
         "items": {
             "forget": len(spec.forget),
             "retain": len(spec.retain),

@@ -92,6 +92,15 @@ class _MethodBase(BaseModel):
         "patience lasts; without retain_focus every retain batch gets one of them",
     )
     eval_every: int = Field(default=4, ge=1, description="steps between scope checks")
+    forget_eval_items: int | None = Field(
+        default=40,
+        ge=1,
+        le=10_000,
+        description="forget items a scope check measures: a bigger forget set (a batched "
+        "job) is measured in turns, strided so that every request is in every turn, and in "
+        "full before the run stops as forgotten and at max_steps (a check of 320 items "
+        "costs ~90 s on 2 CPU cores). None: every item at every check",
+    )
     retain_eval_items: int = Field(
         default=8,
         ge=1,
@@ -252,6 +261,21 @@ DEFAULT_METHOD: dict[str, object] = {
 }
 
 
+def for_batched_job(method: MethodSpec, requests: int) -> MethodSpec:
+    """The settings of a job that forgets `requests` requests at once: each gets the
+    step budget a job of one would (a forget batch mixes the requests' items, so each
+    request's items get 1/requests of the updates), with the same warm-up. The stop
+    rule still ends the run as soon as every request is forgotten."""
+    if requests < 2:
+        return method
+    return method.model_copy(
+        update={
+            "max_steps": min(10_000, method.max_steps * requests),
+            "warmup_ratio": method.warmup_ratio / requests,
+        }
+    )
+
+
 def default_method() -> SimNPO:
     return SimNPO.model_validate(DEFAULT_METHOD)
 
@@ -269,6 +293,33 @@ class JobSpec(BaseModel):
     previous_adapter: str | None = Field(
         default=None, description="folder of the version this run continues from"
     )
+    forget_groups: list[Annotated[int, Field(ge=1)]] | None = Field(
+        default=None,
+        description="a batched job: the sizes of its requests' runs of forget items, in "
+        "order. The run is forgotten only once every group is (each against its own "
+        "holdout items when holdout_groups is given). None: one group",
+    )
+    holdout_groups: list[Annotated[int, Field(ge=1)]] | None = Field(
+        default=None,
+        description="the sizes of the same requests' runs of holdout items, in order",
+    )
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     model_cache: str | None = None
+
+    @model_validator(mode="after")
+    def _groups_cover_the_items(self) -> Self:
+        if self.forget_groups is not None and sum(self.forget_groups) != len(self.forget):
+            raise ValueError(
+                f"forget_groups add up to {sum(self.forget_groups)}, but there are "
+                f"{len(self.forget)} forget items"
+            )
+        if self.holdout_groups is not None:
+            if self.forget_groups is None or len(self.holdout_groups) != len(self.forget_groups):
+                raise ValueError("holdout_groups needs one size per forget group")
+            if sum(self.holdout_groups) != len(self.holdout):
+                raise ValueError(
+                    f"holdout_groups add up to {sum(self.holdout_groups)}, but there are "
+                    f"{len(self.holdout)} holdout items"
+                )
+        return self

@@ -34,7 +34,8 @@ from workers.ml.methods.base import Method, References
 ProgressFn = Callable[[float, dict[str, float]], None]
 CancelFn = Callable[[], bool]
 CHECKPOINT = "checkpoint.pt"
-SCOPE_KEYS = ("forget_prob", "forget_nll", "retain_nll", "retain_kept")  # scope_metrics
+# what scope_metrics measures, and a batched job's count of requests not yet forgotten
+SCOPE_KEYS = ("forget_prob", "forget_nll", "retain_nll", "retain_kept", "forget_groups_left")
 
 
 class Canceled(Exception):
@@ -56,6 +57,9 @@ class Datasets:
     # per-token masks of the retain sample's specific values (the answer guard's tokens),
     # aligned with retain_sample()
     retain_sample_masks: list[list[float]] | None = None
+    # a batched job: the forget (and holdout) indices of each request, in order
+    forget_groups: list[list[int]] = field(default_factory=list)
+    holdout_groups: list[list[int]] = field(default_factory=list)
 
     def retain_sample(self) -> list[Encoded]:
         """The retain items the scope check measures: `retain_eval` of them, evenly
@@ -86,6 +90,8 @@ class Outcome:
     tokens: int = 0
     seconds: float = 0.0
     check_seconds: float = 0.0  # of `seconds`: the step-0 pass and the scope checks
+    # a batched job: each request's stop level (forget probability at step 0 in `base`)
+    group_thresholds: list[float] | None = None
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -181,6 +187,16 @@ def scope_metrics(
     return out
 
 
+def forgotten(
+    now: dict[str, float], threshold: float | None, thresholds: list[float] | None
+) -> bool:
+    """Forgotten enough: every request of a batched job under its own level, else the
+    forget items' mean under the job's."""
+    if thresholds is not None:
+        return now["forget_groups_left"] == 0
+    return threshold is not None and now["forget_prob"] <= threshold
+
+
 def stop_threshold(spec: Any, base: dict[str, float]) -> float | None:
     """The forget probability at or under which the run has forgotten enough."""
     if spec.stop_target == "holdout" and "holdout_prob" in base:
@@ -190,6 +206,56 @@ def stop_threshold(spec: Any, base: dict[str, float]) -> float | None:
     return spec.stop_forget_ratio * base["forget_prob"]
 
 
+def runs(sizes: list[int] | None, n: int) -> list[list[int]]:
+    """The indices of consecutive runs of the given sizes (no sizes: one run of n)."""
+    if not sizes:
+        return [list(range(n))]
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    return [list(range(a, a + size)) for a, size in zip(starts, sizes, strict=True)]
+
+
+def group_probs(logp: torch.Tensor, encoded: list[Encoded], groups: list[list[int]]) -> list[float]:
+    """The mean probability exp(-NLL) of each group's items."""
+    return [_prob_and_nll(logp[idx], [encoded[i] for i in idx])[0] for idx in groups]
+
+
+def group_thresholds(
+    spec: Any, data: Datasets, forget_logp: torch.Tensor, holdout_logp: torch.Tensor | None
+) -> list[float] | None:
+    """A batched job's stop level per request, with `stop_threshold`'s rule: its own
+    holdout items' probability (all holdout items' when they are not grouped), or the
+    ratio of its own step-0 probability. The job's mean can reach the holdout level
+    while some requests are still memorised (measured: BENCHMARKS.md, "Batching"), so
+    a batched job is forgotten only when each request is. None: one group."""
+    if len(data.forget_groups) < 2:
+        return None
+    if spec.stop_target == "holdout" and holdout_logp is not None and data.holdout:
+        if data.holdout_groups:
+            return group_probs(holdout_logp, data.holdout, data.holdout_groups)
+        return [_prob_and_nll(holdout_logp, data.holdout)[0]] * len(data.forget_groups)
+    if spec.stop_forget_ratio is None:
+        return None
+    probs = group_probs(forget_logp, data.forget, data.forget_groups)
+    return [spec.stop_forget_ratio * p for p in probs]
+
+
+def forget_figures(
+    logp: torch.Tensor, data: Datasets, thresholds: list[float] | None
+) -> dict[str, float]:
+    """The forget side of a scope check, from every item's log-prob."""
+    prob, nll = _prob_and_nll(logp, data.forget)
+    out = {"forget_prob": prob, "forget_nll": nll}
+    if thresholds is not None:
+        out["forget_groups_left"] = float(groups_left(logp, data, thresholds))
+    return out
+
+
+def groups_left(logp: torch.Tensor, data: Datasets, thresholds: list[float]) -> int:
+    """How many requests of a batched job are not yet forgotten."""
+    probs = group_probs(logp, data.forget, data.forget_groups)
+    return sum(p > t for p, t in zip(probs, thresholds, strict=True))
+
+
 def retain_bound(spec: Any, base: dict[str, float]) -> float:
     """The retain NLL past which the run is damaging what it must keep: the tolerance
     above the base model's. A run continuing a chain whose start is already past that
@@ -197,6 +263,28 @@ def retain_bound(spec: Any, base: dict[str, float]) -> float:
     anchor = base.get("retain_nll_base_model", base["retain_nll"])
     bound = anchor + max(spec.retain_tolerance * anchor, spec.retain_tolerance_abs)
     return max(bound, base["retain_nll"])
+
+
+def forget_turn(spec: Any, n: int, check: int) -> list[int] | None:
+    """The forget items scope check number `check` measures: all (None) when the set fits
+    `forget_eval_items`, else every k-th item from an offset that moves by one each check
+    (k turns cover the set, and each turn holds every request of a batched job)."""
+    if spec.forget_eval_items is None or n <= spec.forget_eval_items:
+        return None
+    turns = math.ceil(n / spec.forget_eval_items)
+    return list(range(check % turns, n, turns))
+
+
+def measure_forget(
+    model: Any, data: Datasets, pad_id: int, latest: torch.Tensor | None, turn: list[int] | None
+) -> torch.Tensor:
+    """Each forget item's summed log-prob at its latest measurement: `turn` measured now
+    (all items when None), the others as last measured."""
+    if turn is None or latest is None:
+        return sequence_logprobs(model, data.forget, pad_id)
+    latest = latest.clone()
+    latest[turn] = sequence_logprobs(model, [data.forget[i] for i in turn], pad_id)
+    return latest
 
 
 def retain_breached(spec: Any, base: dict[str, float], now: dict[str, float]) -> bool:
@@ -291,6 +379,8 @@ def train(
         best_state, best_step = ck["best_state"], ck["best_step"]
         breaches, intact = ck.get("breaches", 0), ck.get("intact", [])
         data.repair, last_kept = ck.get("repair", []), ck.get("last_kept")
+        thresholds = ck.get("group_thresholds")
+        latest = ck.get("latest")  # None (an older checkpoint): the next check reads all
         curve, evals, tokens = ck["curve"], ck["evals"], ck["tokens"]
         resumed_from: int | None = step
     else:
@@ -320,11 +410,14 @@ def train(
                 if kept is not None:
                     base["retain_kept"] = kept
             base["retain_intact"] = float(sum(intact))
-        if data.holdout:
-            base["holdout_prob"], base["holdout_nll"] = _prob_and_nll(
-                sequence_logprobs(model, data.holdout, pad_id), data.holdout
-            )
+        holdout_logp = sequence_logprobs(model, data.holdout, pad_id) if data.holdout else None
+        if holdout_logp is not None:
+            base["holdout_prob"], base["holdout_nll"] = _prob_and_nll(holdout_logp, data.holdout)
             refs.extra["holdout_nll"] = base["holdout_nll"]
+        thresholds = group_thresholds(spec, data, initial, holdout_logp)
+        latest = initial
+        if thresholds is not None:
+            base["forget_groups_left"] = float(groups_left(initial, data, thresholds))
         step, best_step, best_state, breaches = 0, 0, trainable_state(model), 0
         last_kept = None
         curve, evals, tokens, resumed_from = [], [dict(base, step=0)], 0, None
@@ -371,7 +464,19 @@ def train(
         if step % spec.eval_every == 0 or step == spec.max_steps:
             t_check = time.perf_counter()
             broken: list[int] = []
-            now = scope_metrics(model, data, pad_id, intact=intact, broken=broken)
+            turn = forget_turn(spec, len(data.forget), step // spec.eval_every)
+            if step == spec.max_steps or latest is None:
+                turn = None
+            latest = measure_forget(model, data, pad_id, latest, turn)
+            now = scope_metrics(model, data, pad_id, latest, intact=intact, broken=broken)
+            if thresholds is not None:
+                now["forget_groups_left"] = float(groups_left(latest, data, thresholds))
+            if turn is not None:
+                now["forget_measured"] = float(len(turn))
+                if forgotten(now, threshold, thresholds):  # confirm on every item first
+                    latest = measure_forget(model, data, pad_id, latest, None)
+                    now |= forget_figures(latest, data, thresholds)
+                    now["forget_measured"] = float(len(data.forget))
             check_seconds += time.perf_counter() - t_check
             evals.append(dict(now, step=step))
             previous, last_kept = last_kept, now.get("retain_kept")
@@ -389,7 +494,7 @@ def train(
             else:
                 breaches = 0
                 best_state, best_step = trainable_state(model), step
-                if threshold is not None and now["forget_prob"] <= threshold:
+                if forgotten(now, threshold, thresholds):
                     stopped = "forgotten"
                     break
         if step % spec.checkpoint_every == 0 and step < spec.max_steps:
@@ -408,6 +513,8 @@ def train(
                     "intact": intact,
                     "repair": data.repair,
                     "last_kept": last_kept,
+                    "group_thresholds": thresholds,
+                    "latest": latest,
                     "curve": curve,
                     "evals": evals,
                     "tokens": tokens,
@@ -432,4 +539,5 @@ def train(
         tokens=tokens,
         seconds=time.perf_counter() - start,
         check_seconds=check_seconds,
+        group_thresholds=thresholds,
     )
