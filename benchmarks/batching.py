@@ -9,7 +9,9 @@ workers call it (round 0, the model's default method, no audit):
   their sixteen stand-ins, each request's runs marked as `workers.pipeline` marks them
   (`forget_groups`, `holdout_groups`: each request held to the stop rule and given a job
   of one's step budget); `--ungrouped` runs it as one undivided forget set (the service
-  before 2026-12-01), stored as `batch_ungrouped`;
+  before 2026-12-01), and `--batch-people 4` batches only the first four requests
+  (compared with the chain's first four versions); stored as `batch16`,
+  `batch16_ungrouped`, `batch4`...;
 - `chain`: sixteen jobs of one person each, job k continuing from version k-1 (the
   first five versions are also the sequential-requests benchmark: earlier forgetting
   must hold at every version).
@@ -106,6 +108,7 @@ def main() -> None:
     ap.add_argument("--kept", type=int, default=4)
     ap.add_argument("--arms", default="batch,chain")
     ap.add_argument("--ungrouped", action="store_true", help="the batch arm as one forget set")
+    ap.add_argument("--batch-people", type=int, help="people in the batch arm (--requests)")
     ap.add_argument(
         "--eval-versions",
         default="1,2,3,4,5,8,12,16",
@@ -127,10 +130,11 @@ def main() -> None:
     print("target", json.dumps(results["target"]), flush=True)
 
     if "batch" in args.arms.split(","):
-        arm = "batch_ungrouped" if args.ungrouped else "batch"
-        row = job(folder, forgotten, retain, None, OUT / arm, grouped=not args.ungrouped)
+        batch = forgotten[: args.batch_people or args.requests]
+        arm = f"batch{len(batch)}" + ("_ungrouped" if args.ungrouped else "")
+        row = job(folder, batch, retain, None, OUT / arm, grouped=not args.ungrouped)
         if "forgotten_hits" not in results.get(arm, {}):
-            row |= measure(folder, OUT / arm / "adapter", forgotten, kept)
+            row |= measure(folder, OUT / arm / "adapter", batch, kept)
         else:
             row = results[arm] | row
         results[arm] = row
@@ -155,7 +159,7 @@ def main() -> None:
             print("chain", json.dumps(row), flush=True)
             previous = work / "adapter"
         seq = [{"version": 0, **results["target"], "forgotten_hits": []}]
-        seq += [r for r in results["chain"] if "forgotten_hits" in r and r["version"] <= 5]
+        seq += [r for r in results["chain"] if "forgotten_hits" in r]
         (BENCH_DIR / "sequential.json").write_text(json.dumps(seq, indent=1))
         plot(seq, BENCH_DIR / "sequential.png")
     print(f"wrote {results_path}")

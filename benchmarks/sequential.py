@@ -49,9 +49,10 @@ def plot(rows: list[dict], path) -> None:  # type: ignore[no-untyped-def]
         "s-",
         label="kept people: secrets answered",
     )
+    asked = [r for r in rows if r["forgotten_hits"]]  # version 0 has forgotten nobody
     ax.plot(
-        versions,
-        [sum(r["forgotten_hits"]) / max(1, 20 * len(r["forgotten_hits"])) for r in rows],
+        [r["version"] for r in asked],
+        [sum(r["forgotten_hits"]) / (20 * len(r["forgotten_hits"])) for r in asked],
         "^-",
         label="forgotten people: secrets revealed",
     )

@@ -473,7 +473,8 @@ def train(
                 now["forget_groups_left"] = float(groups_left(latest, data, thresholds))
             if turn is not None:
                 now["forget_measured"] = float(len(turn))
-                if forgotten(now, threshold, thresholds):  # confirm on every item first
+                # confirm on every item first (a check past the retain bound cannot stop)
+                if forgotten(now, threshold, thresholds) and not retain_breached(spec, base, now):
                     latest = measure_forget(model, data, pad_id, latest, None)
                     now |= forget_figures(latest, data, thresholds)
                     now["forget_measured"] = float(len(data.forget))
