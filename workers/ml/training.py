@@ -174,8 +174,7 @@ def scope_metrics(
     `forget_logp` reuses log-probs already computed for this state."""
     if forget_logp is None:
         forget_logp = sequence_logprobs(model, data.forget, pad_id)
-    prob, nll = _prob_and_nll(forget_logp, data.forget)
-    out = {"forget_prob": prob, "forget_nll": nll}
+    out = forget_figures(forget_logp, data, None)
     if data.retain:
         out["retain_nll"], exact = retain_state(model, data, pad_id)
         kept = kept_share(intact, exact) if intact is not None else None
