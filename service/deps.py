@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
 from service.access import service as access
 from service.access.scopes import Scope
 from service.db import get_sessionmaker
 from service.errors import Problem
+
+M = TypeVar("M", bound=BaseModel)
 
 
 async def get_session() -> AsyncIterator[Session]:
@@ -55,10 +59,9 @@ async def bearer_token(request: Request) -> str:
 TokenDep = Annotated[str, Depends(bearer_token)]
 
 
-def get_principal(token: TokenDep, session: SessionDep) -> access.Principal:
+def authenticate(session: Session, token: str) -> access.Principal:
+    """The principal behind an API key, or 401. Leaves the transaction open."""
     principal = access.authenticate(session, token)
-    # End the read so the connection goes back to the pool before the next threadpool hop.
-    session.commit()
     if principal is None:
         raise Problem(
             401,
@@ -70,6 +73,26 @@ def get_principal(token: TokenDep, session: SessionDep) -> access.Principal:
     return principal
 
 
+def check_scope(principal: access.Principal, scope: Scope) -> None:
+    if not principal.has(scope):
+        raise Problem(
+            403,
+            "missing-scope",
+            "Missing scope",
+            f"this API key lacks the '{scope.value}' scope; ask an admin for a key with it",
+            required_scope=scope.value,
+        )
+
+
+def get_principal(token: TokenDep, session: SessionDep) -> access.Principal:
+    try:
+        return authenticate(session, token)
+    finally:
+        # End the read so the connection goes back to the pool before the next threadpool
+        # hop (a request holding a connection while it waits for a thread can deadlock).
+        session.commit()
+
+
 PrincipalDep = Annotated[access.Principal, Depends(get_principal)]
 
 
@@ -79,14 +102,7 @@ PrincipalDep = Annotated[access.Principal, Depends(get_principal)]
 
 def require(scope: Scope) -> Callable[[access.Principal], Awaitable[access.Principal]]:
     async def _check(principal: PrincipalDep) -> access.Principal:
-        if not principal.has(scope):
-            raise Problem(
-                403,
-                "missing-scope",
-                "Missing scope",
-                f"this API key lacks the '{scope.value}' scope; ask an admin for a key with it",
-                required_scope=scope.value,
-            )
+        check_scope(principal, scope)
         return principal
 
     return _check
@@ -118,3 +134,25 @@ async def require_json(request: Request) -> None:
             "Unsupported media type",
             f"send the body as application/json (got {media or 'no Content-Type'})",
         )
+
+
+# Bodies a handler reads itself, so that it can judge them after the key (see the intake
+# route): FastAPI then documents them from `openapi_extra`, and `service.main` adds their
+# schemas to the document's components.
+RAW_BODY_MODELS: list[type[BaseModel]] = []
+
+
+def raw_json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route that validates a `model` body with `validate_body`."""
+    RAW_BODY_MODELS.append(model)
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def validate_body(model: type[M], raw: bytes) -> M:
+    """The body as `model`, or the 400/422 problem FastAPI would have given for it."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
@@ -10,6 +12,7 @@ from service import errors
 from service.adapters.router import router as adapters_router
 from service.config import get_settings
 from service.db import get_engine
+from service.deps import RAW_BODY_MODELS
 from service.erasure_requests.router import router as requests_router
 from service.jobs.router import router as jobs_router
 from service.logs import configure as configure_logs
@@ -37,6 +40,8 @@ def create_app() -> FastAPI:
     for router in (models_router, adapters_router, requests_router, jobs_router, trail_router):
         app.include_router(router)
 
+    _document_raw_bodies(app)
+
     @app.get("/healthz", tags=["operations"], summary="The process is alive")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -56,6 +61,24 @@ def create_app() -> FastAPI:
         return Response(render_metrics(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _document_raw_bodies(app: FastAPI) -> None:
+    """Add the schemas of bodies that handlers validate themselves (`deps.raw_json_body`)
+    to the OpenAPI components their `$ref`s point at."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = plain()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in RAW_BODY_MODELS:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+        return app.openapi_schema or plain()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _database_ok() -> bool:

@@ -140,7 +140,7 @@ def test_malformed_json_is_400(client, keys, model, unchanged, path):
 
 def test_json_that_is_not_an_object_is_422(client, keys, model, unchanged):
     r = submit(client, keys.a, [qa_body()])  # type: ignore[arg-type]
-    assert_problem(r, 422, "body", "dictionary")
+    assert_problem(r, 422, "body", "object")
 
 
 def test_idempotency_key_too_long_is_422(client, keys, model, unchanged):
@@ -184,7 +184,7 @@ BAD_BODIES = {
     "subject_ref too long": (qa_body(subject="s" * 256), ["subject_ref", "255"]),
     "empty subject_ref": (qa_body(subject=""), ["subject_ref", "at least 1"]),
     "model name too long": (qa_body(model="m" * 101), ["model", "100"]),
-    "items not a list": (qa_body(items={"text": "t"}), ["items", "list"]),
+    "items not a list": (qa_body(items={"text": "t"}), ["items", "array"]),
 }
 
 
