@@ -10,24 +10,27 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from dateutil.relativedelta import relativedelta
-from sqlalchemy import and_, or_, select, text
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.access.service import Principal
 from service.config import get_settings
 from service.crypto import canonical_json, get_cipher, salted_item_hashes, sha256_hex
-from service.db import claim_rows, is_postgres, is_uuid, new_id, utcnow
+from service.db import claim_rows, insert_row, is_postgres, is_uuid, new_id, utcnow
 from service.erasure_requests.models import ErasureRequest
 from service.erasure_requests.schemas import ErasureRequestCreate
 from service.errors import Problem, not_found
 from service.limits import check_count, check_item_bytes
 from service.models_registry import service as registry
+from service.models_registry.models import RegisteredModel
+from service.models_registry.schemas import MODEL_NAME_PATTERN
 from service.states import REQUEST_CANCELABLE, RequestStatus
 from service.trail import service as trail
 
@@ -42,16 +45,25 @@ class Submission:
     created: bool
 
 
-def _idempotency_lock(session: Session, tenant_id: str, key: str) -> None:
-    """On PostgreSQL, a second writer with the same key while the first transaction is
-    open gets 409 instead of waiting. SQLite serialises writers with BEGIN IMMEDIATE."""
-    if not is_postgres(session):
-        return
-    got = session.scalar(
-        text("SELECT pg_try_advisory_xact_lock(hashtext(:t), hashtext(:k))"),
-        {"t": tenant_id, "k": key},
+def _key_and_model(
+    session: Session, tenant_id: str, key: str, model_name: str
+) -> tuple[str | None, str | None]:
+    """One round trip: the request already filed under this Idempotency-Key, if any, and
+    the model's id. On PostgreSQL it also takes the key's advisory lock, so a second
+    writer with the same key while the first transaction is open gets 409 instead of
+    waiting (SQLite serialises writers with BEGIN IMMEDIATE). A writer that commits the
+    key between this statement's snapshot and its lock is caught by the unique index."""
+    existing = (
+        select(ErasureRequest.id)
+        .where(ErasureRequest.tenant_id == tenant_id, ErasureRequest.idempotency_key == key)
+        .scalar_subquery()
     )
-    if not got:
+    model = select(RegisteredModel.id).where(RegisteredModel.name == model_name)
+    columns: list[Any] = [existing, model.scalar_subquery()]
+    if is_postgres(session):
+        columns.append(func.pg_try_advisory_xact_lock(func.hashtext(tenant_id), func.hashtext(key)))
+    row = session.execute(select(*columns)).one()
+    if is_postgres(session) and not row[2]:
         raise Problem(
             409,
             "idempotency-in-progress",
@@ -59,6 +71,7 @@ def _idempotency_lock(session: Session, tenant_id: str, key: str) -> None:
             "a request with this Idempotency-Key is still being written; retry shortly",
             headers={"Retry-After": "1"},
         )
+    return row[0], row[1]
 
 
 def _find_by_key(session: Session, tenant_id: str, key: str) -> ErasureRequest | None:
@@ -93,12 +106,14 @@ def submit(
 
     cipher = get_cipher()
     body_hmac = cipher.keyed_hash(canonical_json(body.model_dump(mode="json")).decode())
-    _idempotency_lock(session, principal.tenant_id, idempotency_key)
-    existing = _find_by_key(session, principal.tenant_id, idempotency_key)
-    if existing is not None:
-        return _replay(existing, body_hmac)
-
-    model = registry.get_by_name(session, body.model)
+    model_name = body.model if re.fullmatch(MODEL_NAME_PATTERN, body.model) else ""
+    existing_id, model_id = _key_and_model(
+        session, principal.tenant_id, idempotency_key, model_name
+    )
+    if existing_id is not None:
+        return _replay(session.get_one(ErasureRequest, existing_id), body_hmac)
+    if model_id is None:
+        raise not_found("model", body.model)
     request_id, now = new_id(), utcnow()
     items = [i.plain() for i in body.items]
     holdout = [i.plain() for i in body.holdout]
@@ -108,7 +123,7 @@ def submit(
     req = ErasureRequest(
         id=request_id,
         tenant_id=principal.tenant_id,
-        model_id=model.id,
+        model_id=model_id,
         status=R.RECEIVED.value,
         idempotency_key=idempotency_key,
         body_hmac=body_hmac,
@@ -129,9 +144,8 @@ def submit(
         received_at=now,
         due_at=now + relativedelta(months=1),  # GDPR Art. 12(3): one month
     )
-    session.add(req)
     try:
-        session.flush()
+        insert_row(session, req)
     except IntegrityError:  # same key committed between our check and insert
         session.rollback()
         existing = _find_by_key(session, principal.tenant_id, idempotency_key)
@@ -147,7 +161,7 @@ def submit(
         object_type="erasure_request",
         object_id=request_id,
         details={
-            "model": model.name,
+            "model": body.model,
             "subject": req.subject_ref_hmac,
             "items": req.item_count,
             "holdout": req.holdout_count,

@@ -24,7 +24,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from service.crypto import canonical_json, sha256_hex
-from service.db import is_postgres, new_id, utcnow
+from service.db import insert_row, is_postgres, new_id, utcnow
 from service.trail.models import AuditEvent, PendingEvent
 
 GENESIS = "0" * 64
@@ -75,8 +75,7 @@ def record(
     }
     if deferred:
         pending = PendingEvent(id=new_id(), **fields)
-        session.add(pending)
-        session.flush()
+        insert_row(session, pending)
         return pending
     seq, prev, _ = _lock_and_seal(session)
     event = _link(seq, prev, fields)
