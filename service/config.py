@@ -43,6 +43,16 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(
         default=10, ge=0, le=1000, description="extra connections above the pool, for bursts"
     )
+    intake_concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=1000,
+        description="erasure-request submits each API process runs at once; the rest wait "
+        "on its event loop. A submit is mostly Python holding the GIL: more threads only "
+        "contend for it (measured on 2 cores with a local PostgreSQL: 4 gave p99 under "
+        "100 ms at 500 req/s, 40 did not; BENCHMARKS.md). Raise it when the database is "
+        "remote, where a submit spends most of its time waiting",
+    )
     broker_url: str = Field(
         default=f"sqla+sqlite:///{VAR_DIR / 'broker.sqlite'}",
         description="Celery broker. Redis in production; kombu's SQLAlchemy transport embedded.",

@@ -19,6 +19,7 @@ from typing import Any, cast
 from sqlalchemy import (
     DateTime,
     Engine,
+    Insert,
     MetaData,
     Select,
     Table,
@@ -98,7 +99,12 @@ def insert_row(session: Session, row: Base) -> None:
         if attr.key in row.__dict__
         for col in attr.columns
     }
-    session.execute(insert(cast(Table, mapper.local_table)), values)
+    session.execute(_insert_into(cast(Table, mapper.local_table)), values)
+
+
+@lru_cache
+def _insert_into(table: Table) -> Insert:
+    return insert(table)
 
 
 def claim_rows(query: Select[Any], session: Session) -> Select[Any]:

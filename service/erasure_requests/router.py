@@ -3,12 +3,13 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated
 
+from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from service.access.scopes import Scope
 from service.access.service import Principal
+from service.config import get_settings
 from service.deps import (
     SessionDep,
     TokenDep,
@@ -103,7 +104,20 @@ async def submit(
     # The handler reads the body itself so that it is judged after the key: an unknown
     # key learns nothing about its body.
     raw = await request.body()
-    return await run_in_threadpool(_submit, session, token, raw, idempotency_key)
+    return await to_thread.run_sync(
+        _submit, session, token, raw, idempotency_key, limiter=_intake_limiter(request)
+    )
+
+
+def _intake_limiter(request: Request) -> CapacityLimiter:
+    # Its own few threads (INTAKE_CONCURRENCY), not the shared pool of 40: submits are
+    # CPU-bound under the GIL, and 40 of them at once only trade it back and forth. One
+    # per app, made on its event loop.
+    state = request.app.state
+    if getattr(state, "intake_limiter", None) is None:
+        state.intake_limiter = CapacityLimiter(get_settings().intake_concurrency)
+    limiter: CapacityLimiter = state.intake_limiter
+    return limiter
 
 
 def _submit(session: Session, token: str, raw: bytes, idempotency_key: str | None) -> Response:

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from dateutil.relativedelta import relativedelta
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, bindparam, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -41,8 +41,25 @@ _PURGE_AT_ONCE = frozenset({R.CANCELED, R.REJECTED})
 
 @dataclass
 class Submission:
+    # A new request is written with a Core INSERT and answered from this object, which
+    # stays outside the session; `session.get` gives the live row.
     request: ErasureRequest
     created: bool
+
+
+_requests, _models = ErasureRequest.__table__.c, RegisteredModel.__table__.c
+_FILED_UNDER_KEY = (
+    select(_requests.id)
+    .where(_requests.tenant_id == bindparam("t"), _requests.idempotency_key == bindparam("k"))
+    .scalar_subquery()
+)
+_MODEL_ID = select(_models.id).where(_models.name == bindparam("m")).scalar_subquery()
+_KEY_AND_MODEL = select(_FILED_UNDER_KEY, _MODEL_ID)
+_KEY_AND_MODEL_LOCKED = select(
+    _FILED_UNDER_KEY,
+    _MODEL_ID,
+    func.pg_try_advisory_xact_lock(func.hashtext(bindparam("t")), func.hashtext(bindparam("k"))),
+)
 
 
 def _key_and_model(
@@ -53,17 +70,10 @@ def _key_and_model(
     writer with the same key while the first transaction is open gets 409 instead of
     waiting (SQLite serialises writers with BEGIN IMMEDIATE). A writer that commits the
     key between this statement's snapshot and its lock is caught by the unique index."""
-    existing = (
-        select(ErasureRequest.id)
-        .where(ErasureRequest.tenant_id == tenant_id, ErasureRequest.idempotency_key == key)
-        .scalar_subquery()
-    )
-    model = select(RegisteredModel.id).where(RegisteredModel.name == model_name)
-    columns: list[Any] = [existing, model.scalar_subquery()]
-    if is_postgres(session):
-        columns.append(func.pg_try_advisory_xact_lock(func.hashtext(tenant_id), func.hashtext(key)))
-    row = session.execute(select(*columns)).one()
-    if is_postgres(session) and not row[2]:
+    locking = is_postgres(session)
+    params = {"t": tenant_id, "k": key, "m": model_name}
+    row = session.execute(_KEY_AND_MODEL_LOCKED if locking else _KEY_AND_MODEL, params).one()
+    if locking and not row[2]:
         raise Problem(
             409,
             "idempotency-in-progress",
