@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import datetime
 
 from dateutil.relativedelta import relativedelta
@@ -224,3 +226,17 @@ def test_readyz_reports_a_broker_that_is_down(client, settings):
     assert r.status_code == 503
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["checks"] == {"database": True, "broker": False}
+
+
+def test_openapi_documents_the_submit_body_and_every_reference_resolves(client):
+    """The intake validates its body itself (after the key); the document must still
+    describe it, and every `$ref` in it must point at a schema it holds."""
+    doc = client.get("/openapi.json").json()
+    post = doc["paths"]["/v1/erasure-requests"]["post"]
+    schema = post["requestBody"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/ErasureRequestCreate"}
+    components = doc["components"]["schemas"]
+    assert {"model", "subject_ref", "items"} <= set(components["ErasureRequestCreate"]["required"])
+    assert "Idempotency-Key" in [p["name"] for p in post["parameters"]]
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(doc)))
+    assert refs and refs <= components.keys(), refs - components.keys()
