@@ -34,8 +34,8 @@ from service.models_registry.models import RegisteredModel
 from service.states import REQUEST_CANCELABLE, RequestStatus
 
 router = APIRouter(prefix="/v1/erasure-requests", tags=["erasure requests"])
-Writer = Annotated[Principal, Depends(require(Scope.REQUESTS_WRITE))]
 MAX_IDEMPOTENCY_KEY = 255
+Writer = Annotated[Principal, Depends(require(Scope.REQUESTS_WRITE))]
 Reader = Annotated[Principal, Depends(require(Scope.REQUESTS_READ))]
 
 
@@ -138,6 +138,13 @@ def _submit(session: Session, token: str, raw: bytes, idempotency_key: str | Non
             "validation-error",
             "The request is not valid",
             f"header Idempotency-Key: at most {MAX_IDEMPOTENCY_KEY} characters",
+            errors=[
+                {
+                    "field": "header.Idempotency-Key",
+                    "message": f"at most {MAX_IDEMPOTENCY_KEY} characters",
+                    "type": "string_too_long",
+                }
+            ],
         )
     result = service.submit(
         session, principal=principal, body=body, idempotency_key=idempotency_key.strip()
