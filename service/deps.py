@@ -151,8 +151,18 @@ def raw_json_body(model: type[BaseModel]) -> dict[str, Any]:
 
 def validate_body(model: type[M], raw: bytes) -> M:
     """The body as `model`, or the 400/422 problem FastAPI would have given for it."""
+    if not raw.strip():
+        detail = "the body is empty; send the request as a JSON object"
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": detail}])
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        errors = [_in_body(e) for e in exc.errors(include_url=False)]
         raise RequestValidationError(errors) from None
+
+
+def _in_body(error: Any) -> dict[str, Any]:
+    out = {**error, "loc": ("body", *error["loc"])}
+    if error["type"] == "json_invalid":  # "Invalid JSON: EOF while ..." -> "EOF while ..."
+        out["msg"] = error.get("ctx", {}).get("error", error["msg"])
+    return out

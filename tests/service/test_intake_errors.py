@@ -138,6 +138,11 @@ def test_malformed_json_is_400(client, keys, model, unchanged, path):
     assert_problem(r, 400, "not valid JSON")
 
 
+def test_an_empty_body_is_400_saying_so(client, keys, model, unchanged):
+    r = _post_raw(client, keys.a, REQUESTS, b"", "application/json")
+    assert_problem(r, 400, "empty", "JSON object")
+
+
 def test_json_that_is_not_an_object_is_422(client, keys, model, unchanged):
     r = submit(client, keys.a, [qa_body()])  # type: ignore[arg-type]
     assert_problem(r, 422, "body", "object")
