@@ -323,8 +323,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, fs in zip(axes, FORGET_SETS, strict=True):
+    # Only the forget sets measured (results live under var/, so a fresh checkout may
+    # hold one set only).
+    sets = [fs for fs in FORGET_SETS if any(r["forget_set"] == fs for r in rows)]
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), sharey=True, squeeze=False)
+    for ax, fs in zip(axes[0], sets, strict=True):
         for r in (r for r in rows if r["forget_set"] == fs):
             xy = (r["utility"], max(r["forget_quality"], 1e-12))
             if r["method"] in ("target", "retrained"):
@@ -337,7 +340,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("model utility")
         ax.set_title(f"{fs} ({FORGET_SETS[fs]} of 40 people)")
         ax.axhline(0.1, ls="--", lw=0.8, color="grey")
-    axes[0].set_ylabel("forget quality (KS p-value, log)")
+    axes[0][0].set_ylabel("forget quality (KS p-value, log)")
     fig.suptitle("hollow: quarantined by the audit; stars: no unlearning", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
