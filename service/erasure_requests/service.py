@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,7 +29,6 @@ from service.errors import Problem, not_found
 from service.limits import check_count, check_item_bytes
 from service.models_registry import service as registry
 from service.models_registry.models import RegisteredModel
-from service.models_registry.schemas import MODEL_NAME_PATTERN
 from service.states import REQUEST_CANCELABLE, RequestStatus
 from service.trail import service as trail
 
@@ -116,7 +114,7 @@ def submit(
 
     cipher = get_cipher()
     body_hmac = cipher.keyed_hash(canonical_json(body.model_dump(mode="json")).decode())
-    model_name = body.model if re.fullmatch(MODEL_NAME_PATTERN, body.model) else ""
+    model_name = body.model if registry.is_model_name(body.model) else ""
     existing_id, model_id = _key_and_model(
         session, principal.tenant_id, idempotency_key, model_name
     )

@@ -84,10 +84,16 @@ def register(session: Session, *, spec: ModelCreate, actor: str) -> RegisteredMo
     return model
 
 
+def is_model_name(name: str) -> bool:
+    """Whether `name` can be a model's name: anything else (a NUL byte, say) is simply
+    not found, without reaching the database."""
+    return re.fullmatch(MODEL_NAME_PATTERN, name) is not None
+
+
 def get_by_name(session: Session, name: str) -> RegisteredModel:
     model = (
         session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
-        if re.fullmatch(MODEL_NAME_PATTERN, name)
+        if is_model_name(name)
         else None
     )
     if model is None:
