@@ -7,7 +7,8 @@ stronger run. Prints every metric and the verdicts, and how many of the forgotte
 person's secrets greedy answers still reveal (the ground truth the audit stands for).
 
     .venv/bin/python -m benchmarks.audit_calibration [--methods JSON] [--no-identity]
-        [--device cuda] [--dtype float32] [--out results.jsonl] [--seed 7]
+        [--device cuda] [--dtype float32] [--job-dtype bfloat16] [--out results.jsonl]
+        [--seed 7]
 
 `--seed` picks other fictitious people (a new target is built and cached): the
 defaults were calibrated on seed 7, so any other seed is data they have never seen.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -73,7 +75,10 @@ def main() -> None:
     )
     ap.add_argument("--no-identity", action="store_true", help="skip the nothing-forgotten audit")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (target, jobs and audits)")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", help="of the audits (and of the jobs)")
+    ap.add_argument(
+        "--job-dtype", help="the jobs' compute dtype when it differs from the audits' (bfloat16)"
+    )
     ap.add_argument("--out", type=Path, help="also append one JSON line per adapter here")
     ap.add_argument("--reports", type=Path, help="also write each full audit here as JSON and HTML")
     ap.add_argument("--seed", type=int, default=7, help="the fictitious people (target) to use")
@@ -95,13 +100,14 @@ def main() -> None:
     for name, method in json.loads(args.methods).items():
         slug = "".join(c if c.isalnum() else "-" for c in name)
         work = BENCH_DIR / f"calib-s{args.seed}-{slug}"
+        shutil.rmtree(work, ignore_errors=True)  # run_job would resume an earlier run's checkpoint
         spec = JobSpec(
             model_source=str(folder),
             forget=forget,
             retain=retain,
             holdout=holdout,
             **({"method": method} if method is not None else {}),
-            **place,
+            **(place | ({"dtype": args.job_dtype} if args.job_dtype else {})),
         )
         t = time.perf_counter()
         res = run_job(spec, work)
@@ -153,6 +159,7 @@ def main() -> None:
                 "summary": report["summary"],
                 "device": args.device,
                 "dtype": args.dtype,
+                "job_dtype": args.job_dtype or args.dtype,
                 "seed": args.seed,
             }
             with args.out.open("a") as fh:

@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     # reason; the hard one kills the process (see docs/workers.md).
     job_soft_time_limit_seconds: int = Field(default=4 * 3600, ge=10)
     job_time_limit_grace_seconds: int = Field(default=300, ge=1)
+    # The precision unlearning jobs compute in. auto: bfloat16 on CUDA and on CPUs with
+    # bfloat16 instructions (AVX512-BF16, AMX; measured 1.4-1.6x faster with the
+    # same outcome, BENCHMARKS.md), else float32. The audit always judges in the serving
+    # precision (float32 on a CPU).
+    train_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # An adapter that fails its audit is retrained with stronger settings this many times
     # before the job fails and the adapter is quarantined.
     audit_retries: int = Field(default=1, ge=0)

@@ -467,6 +467,7 @@ def _train(
             model_cache=str(settings.model_cache),
             forget_groups=forget_groups,
             holdout_groups=holdout_groups,
+            dtype=None if settings.train_dtype == "auto" else settings.train_dtype,
         )
 
         def progress(fraction: float, _logs: dict[str, float]) -> None:

@@ -68,3 +68,18 @@ def test_value_weights_fall_on_the_persons_values_not_the_template(tmp_path):
         targets = [x for x, t in zip(w, e.labels, strict=True) if t != IGNORE]
         assert sum(targets) / len(targets) == pytest.approx(1.0)
     assert set(weights[1][k] for k, t in enumerate(encoded[1].labels) if t != IGNORE) == {1.0}
+
+
+def test_training_on_a_cpu_with_bf16_instructions_computes_in_bf16(monkeypatch):
+    import torch
+
+    from workers.ml import loading
+
+    for native in (True, False):
+        monkeypatch.setattr(loading, "cpu_bf16_native", lambda native=native: native)
+        trains = loading.pick_placement("cpu", training=True)
+        assert trains.dtype == (torch.bfloat16 if native else torch.float32)
+        # the audit and serving judge in float32; an explicit dtype always wins
+        assert loading.pick_placement("cpu").dtype == torch.float32
+        assert loading.pick_placement("cpu", "float32", training=True).dtype == torch.float32
+    assert loading.pick_placement("cuda", training=False).dtype == torch.bfloat16

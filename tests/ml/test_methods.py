@@ -186,7 +186,8 @@ def test_record_holds_what_changes_results(tiny_target, tmp_path):
     assert record["method"]["name"] == "simnpo" and record["method"]["seed"] == 0
     assert record["base_model"]["digest"].startswith("sha256:")
     env = record["environment"]
-    assert env["device"] == "cpu" and env["dtype"] == "float32" and env["torch"]
+    auto = str(loading.pick_placement("cpu", training=True).dtype).removeprefix("torch.")
+    assert env["device"] == "cpu" and env["dtype"] == auto and env["torch"]
     assert set(record["adapter_files"]) >= {"adapter_config.json", "adapter_model.safetensors"}
     assert len(record["outcome"]["curve"]) == 4
     assert record["durations_s"]["train"] > 0
@@ -261,11 +262,49 @@ def test_a_shared_prefix_runs_once_and_gives_the_same_logits_and_gradients(tmp_p
         (plain, g_plain), (shared, g_shared) = _plain_and_shared(model, batch)
     finally:
         hook.remove()
-    assert losses._SHARED_PREFIX[losses._kind(model)] is True  # the once-per-class check passed
+    assert losses._SHARED_PREFIX[losses._share_key(model)] is True  # checked once per class
     assert losses.shared_prefix_used(model)
     assert torch.allclose(plain, shared, atol=1e-4)
     assert torch.allclose(g_plain, g_shared, rtol=1e-3, atol=1e-6)
     assert sum(counted[-2:]) < 0.8 * counted[0]  # the prefix went through once, not 4x
+
+
+def test_the_prefix_check_allows_16bit_rounding_and_nothing_else():
+    from workers.ml.losses import same_logits
+
+    torch.manual_seed(0)
+    plain = 10 * torch.randn(12, 50)
+    # 16-bit paths: each logit rounded, plus rounding carried through the layers
+    rounded = plain.bfloat16().float() + 0.02 * torch.randn(12, 50)
+    assert same_logits(rounded, plain, torch.bfloat16)
+    assert not same_logits(rounded, plain, torch.float32)  # float32 rounds 1000x finer
+    assert same_logits(plain + 1e-5, plain, torch.float32)
+    # a path that computes something else (other rows' logits) is refused in any dtype
+    other = plain[torch.roll(torch.arange(12), 1)]
+    assert not same_logits(other, plain, torch.bfloat16)
+    assert not same_logits(plain + 3.0 * torch.randn(12, 50), plain, torch.bfloat16)
+
+
+def test_a_shared_prefix_is_checked_per_compute_dtype(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from tests.ml import tiny
+    from workers.ml import losses
+    from workers.ml.data import collate, encode_all
+
+    folder = tiny.build(tmp_path / "m")
+    items = [{"prompt": f"{SYSTEM} {i['prompt']}", "completion": i["completion"]} for i in FORGET]
+    for dtype in ("float32", "bfloat16"):
+        placement = loading.pick_placement("cpu", dtype)
+        model, tok = loading.load(loading.resolve(str(folder)), placement)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+        batch = collate(encode_all(tok, items, 128), [0, 1, 2, 3], tok.pad_token_id)
+        with torch.no_grad():
+            losses.kept_logits(model, batch)
+        key = losses._share_key(model)
+        assert key[1] == getattr(torch, dtype)  # the frozen weights', not LoRA's float32
+        assert losses._SHARED_PREFIX[key] is True
+        assert losses.shared_prefix_used(model)
 
 
 def test_no_prefix_is_shared_with_a_single_row_or_past_the_first_target():
@@ -296,10 +335,12 @@ def test_other_architectures_unlearn_too(tmp_path, family):
 
 
 def test_gradient_checkpointing_gives_the_same_adapter(tiny_target, tmp_path):
-    plain = run_job(spec_for(tiny_target, "npo", max_steps=6), tmp_path / "plain")
-    ckpt = run_job(
-        spec_for(tiny_target, "npo", max_steps=6, gradient_checkpointing=True), tmp_path / "gc"
-    )
+    # float32: the recomputed forward (and, without it, the shared prefix) agree to its
+    # rounding; bfloat16 rounds 65536x coarser and its adapters differ at that level
+    spec = spec_for(tiny_target, "npo", max_steps=6).model_copy(update={"dtype": "float32"})
+    plain = run_job(spec, tmp_path / "plain")
+    m = spec.method.model_copy(update={"gradient_checkpointing": True})
+    ckpt = run_job(spec.model_copy(update={"method": m}), tmp_path / "gc")
     wa, wb = _adapter(plain.adapter_dir), _adapter(ckpt.adapter_dir)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
@@ -654,6 +695,7 @@ def test_a_batched_job_stops_once_each_request_is_under_its_own_level(tiny_targe
         forget=forget,
         forget_groups=[8, 4],
         retain=RETAIN,
+        dtype="float32",  # its step-0 levels are compared with a float32 re-measure below
         method={
             "name": "simnpo",
             "lr": LR["simnpo"],

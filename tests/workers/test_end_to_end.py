@@ -209,3 +209,8 @@ def test_requests_batched_into_one_job_are_each_held_to_the_stop_rule(
     assert record["method"]["max_steps"] == 2 * FAST_METHOD["max_steps"]
     assert len(record["outcome"]["group_thresholds"]) == 2
     assert all("forget_groups_left" in e for e in record["outcome"]["evals"])
+    # TRAIN_DTYPE=auto: the engine's own pick for training on this CPU
+    from workers.ml.loading import pick_placement
+
+    auto = pick_placement("cpu", training=True).dtype
+    assert record["environment"]["dtype"] == str(auto).removeprefix("torch.")

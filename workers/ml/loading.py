@@ -57,14 +57,33 @@ class Placement:
     dtype: torch.dtype
 
 
-def pick_placement(device: str | None = None, dtype: str | None = None) -> Placement:
-    """CUDA with bfloat16 when present, else CPU with float32; either can be forced."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_placement(
+    device: str | None = None, dtype: str | None = None, *, training: bool = False
+) -> Placement:
+    """CUDA with bfloat16 when present, else CPU with float32; either can be forced.
+    `training`: an unlearning job on a CPU that multiplies bfloat16 natively also
+    computes in bfloat16 (`cpu_bf16_native`); the audit and serving stay in float32."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype:
-        dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        dt = DTYPES[dtype]
+    elif dev.type == "cuda" or (training and cpu_bf16_native()):
+        dt = torch.bfloat16
     else:
-        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        dt = torch.float32
     return Placement(dev, dt)
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX), which
+    make oneDNN's bfloat16 products about twice as fast as float32 ones; without them
+    bfloat16 is emulated and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -74,7 +74,7 @@ def _run(
     resolved = loading.resolve(
         spec.model_source, Path(spec.model_cache) if spec.model_cache else None
     )
-    placement = loading.pick_placement(spec.device, spec.dtype)
+    placement = loading.pick_placement(spec.device, spec.dtype, training=True)
     base_model, tok = loading.load(resolved, placement)
     base_bytes = loading.weights_bytes(base_model)
     if m.gradient_checkpointing:

@@ -304,7 +304,12 @@ class JobSpec(BaseModel):
         description="the sizes of the same requests' runs of holdout items, in order",
     )
     device: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        default=None,
+        description="compute dtype of the frozen weights (LoRA weights stay float32). None: "
+        "bfloat16 on CUDA and on CPUs with bfloat16 instructions (AVX512-BF16, AMX), else "
+        "float32",
+    )
     model_cache: str | None = None
 
     @model_validator(mode="after")
