@@ -4,6 +4,7 @@ scope check; with the tokens each item costs. Prints one line per part (mean of
 `--repeat` timed runs after one warm-up).
 
     .venv/bin/python -m benchmarks.step_profile [--batch 4] [--retain-batch 4] [--repeat 3]
+        [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from workers.ml import loading, synthetic
 from workers.ml.data import collate, encode_all
 from workers.ml.losses import kl_to_reference, mean_nll, sequence_stats
 from workers.ml.memwatch import rss_bytes
-from workers.ml.training import Datasets, scope_metrics
+from workers.ml.training import CHECK_BATCH, Datasets, scope_metrics, sequence_logprobs
 
 
 def timed(fn: Callable[[], object], repeat: int) -> float:
@@ -38,10 +39,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--retain-batch", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", help="float32 or bfloat16 (the weights')")
     args = ap.parse_args()
     before = rss_bytes()
     model, tok = loading.load(
-        loading.resolve("builtin:smollm2-135m-instruct"), loading.pick_placement("cpu")
+        loading.resolve("builtin:smollm2-135m-instruct"), loading.pick_placement("cpu", args.dtype)
     )
     loaded = rss_bytes()
     torch.manual_seed(0)
@@ -81,6 +83,11 @@ def main() -> None:
     def check() -> None:
         scope_metrics(model, data, pad)
 
+    check_items = forget + data.retain_sample()
+
+    def check_passes(size: int) -> Callable[[], None]:
+        return lambda: sequence_logprobs(model, check_items, pad, batch_size=size)
+
     model.train()
     for name, fn in (
         ("forget forward", forget_fwd),
@@ -88,6 +95,11 @@ def main() -> None:
         ("retain NLL forward+backward", retain_nll_fwd_bwd),
         ("retain KL (reference + forward+backward)", retain_kl_fwd_bwd),
         (f"scope check ({len(forget)} forget + 24 retain items, forward)", check),
+        (
+            f"the check's {len(check_items)} items in passes of {CHECK_BATCH}",
+            check_passes(CHECK_BATCH),
+        ),
+        (f"... in passes of {len(check_items)}", check_passes(len(check_items))),
     ):
         print(f"{name:55s} {timed(fn, args.repeat):6.2f} s", flush=True)
     gib = 2**30

@@ -38,6 +38,12 @@ CHECKPOINT = "checkpoint.pt"
 SCOPE_KEYS = ("forget_prob", "forget_nll", "retain_nll", "retain_kept", "forget_groups_left")
 
 
+# Items per forward pass of the scope checks. Passes of 24 were 20 % faster in isolation
+# (benchmarks.step_profile) but not in a whole job, and raised its peak memory by
+# 0.17 GiB (BENCHMARKS.md, "Unlearning one person")
+CHECK_BATCH = 8
+
+
 class Canceled(Exception):
     """The caller asked to stop between two steps."""
 
@@ -110,7 +116,7 @@ def sequence_logprobs(
     model: Any,
     encoded: list[Encoded],
     pad_id: int,
-    batch_size: int = 8,
+    batch_size: int = CHECK_BATCH,
     weights: list[list[float]] | None = None,
 ) -> torch.Tensor:
     """Summed log p(y|x) per example (used for references and the scope check)."""
@@ -144,8 +150,8 @@ def retain_state(model: Any, data: Datasets, pad_id: int) -> tuple[float, list[b
     was_training = model.training
     model.eval()
     logps, exact = [], []
-    for start in range(0, len(sample), 8):
-        idx = list(range(start, min(start + 8, len(sample))))
+    for start in range(0, len(sample), CHECK_BATCH):
+        idx = list(range(start, min(start + CHECK_BATCH, len(sample))))
         logp, ok = sequence_logp_exact(model, collate(sample, idx, pad_id, masks))
         logps.append(logp.float().cpu())
         exact += ok.cpu().tolist()
