@@ -1,0 +1,77 @@
+"""Resident memory over one short unlearning job on the 8-person target (seed 7): the
+job's peak growth, when it happens, and the resident set after each step, so a peak at
+load time can be told from one that builds up while training.
+
+    .venv/bin/python -m benchmarks.job_memory [--dtype bfloat16] [--steps 8]
+        [--set gradient_checkpointing=true ...]
+
+Run each configuration in a fresh process (the allocator keeps what an earlier job
+freed); glibc's own settings, such as MALLOC_MMAP_THRESHOLD_=65536, go in the
+environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import threading
+import time
+
+from benchmarks.common import BENCH_DIR, target
+from workers.ml import synthetic
+from workers.ml.memwatch import rss_bytes
+from workers.ml.run import run_job
+from workers.ml.specs import DEFAULT_METHOD, JobSpec
+
+GIB = 2**30
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", help="float32 or bfloat16 (default: the engine's pick)")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--set", nargs="*", default=[], help="method settings, key=json-value")
+    args = ap.parse_args()
+    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    folder, people = target(seed=7)
+    spec = JobSpec(
+        model_source=str(folder),
+        forget=synthetic.qa_items(people[0]),
+        retain=[i for p in people[1:] for i in synthetic.qa_items(p)],
+        holdout=synthetic.holdout_for(people[0]),
+        method={**DEFAULT_METHOD, "max_steps": args.steps, **overrides},
+        dtype=args.dtype,
+    )
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+    t0 = time.perf_counter()
+
+    def sample() -> None:
+        while not stop.wait(0.02):
+            samples.append((time.perf_counter() - t0, rss_bytes()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = rss_bytes()
+    steps: list[tuple[float, int]] = []
+    work = BENCH_DIR / "job-memory"
+    shutil.rmtree(work, ignore_errors=True)  # run_job would resume a checkpoint found there
+    res = run_job(
+        spec, work, progress=lambda _f, _logs: steps.append((time.perf_counter() - t0, rss_bytes()))
+    )
+    stop.set()
+    sampler.join()
+    rec = res.record
+    at, peak = max(samples, key=lambda s: s[1])
+    print(
+        f"{rec['environment']['dtype']} {overrides or 'defaults'}: training "
+        f"{rec['durations_s']['train']:.1f} s, job peak {rec['job_peak_rss_bytes'] / GIB:.2f} "
+        f"GiB (sampled here: {(peak - start) / GIB:.2f} at {at:.1f} s; load took "
+        f"{rec['durations_s']['load']:.1f} s)"
+    )
+    print("after each step:", " ".join(f"{(rss - start) / GIB:.2f}" for _, rss in steps))
+
+
+if __name__ == "__main__":
+    main()
