@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import threading
-import time
 
 from benchmarks.common import BENCH_DIR, target
 from workers.ml import synthetic
-from workers.ml.memwatch import rss_bytes
+from workers.ml.memwatch import PeakRSS, rss_bytes
 from workers.ml.run import run_job
 from workers.ml.specs import DEFAULT_METHOD, JobSpec
 
@@ -43,34 +41,18 @@ def main() -> None:
         method={**DEFAULT_METHOD, "max_steps": args.steps, **overrides},
         dtype=args.dtype,
     )
-    samples: list[tuple[float, int]] = []
-    stop = threading.Event()
-    t0 = time.perf_counter()
-
-    def sample() -> None:
-        while not stop.wait(0.02):
-            samples.append((time.perf_counter() - t0, rss_bytes()))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = rss_bytes()
-    steps: list[tuple[float, int]] = []
+    steps: list[int] = []
     work = BENCH_DIR / "job-memory"
     shutil.rmtree(work, ignore_errors=True)  # run_job would resume a checkpoint found there
-    res = run_job(
-        spec, work, progress=lambda _f, _logs: steps.append((time.perf_counter() - t0, rss_bytes()))
-    )
-    stop.set()
-    sampler.join()
+    with PeakRSS() as mem:
+        res = run_job(spec, work, progress=lambda _f, _logs: steps.append(rss_bytes()))
     rec = res.record
-    at, peak = max(samples, key=lambda s: s[1])
     print(
         f"{rec['environment']['dtype']} {overrides or 'defaults'}: training "
         f"{rec['durations_s']['train']:.1f} s, job peak {rec['job_peak_rss_bytes'] / GIB:.2f} "
-        f"GiB (sampled here: {(peak - start) / GIB:.2f} at {at:.1f} s; load took "
-        f"{rec['durations_s']['load']:.1f} s)"
+        f"GiB (at {mem.peak_at:.1f} s; load took {rec['durations_s']['load']:.1f} s)"
     )
-    print("after each step:", " ".join(f"{(rss - start) / GIB:.2f}" for _, rss in steps))
+    print("after each step:", " ".join(f"{(rss - mem.start) / GIB:.2f}" for rss in steps))
 
 
 if __name__ == "__main__":
