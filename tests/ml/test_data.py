@@ -83,3 +83,18 @@ def test_training_on_a_cpu_with_bf16_instructions_computes_in_bf16(monkeypatch):
         assert loading.pick_placement("cpu").dtype == torch.float32
         assert loading.pick_placement("cpu", "float32", training=True).dtype == torch.float32
     assert loading.pick_placement("cuda", training=False).dtype == torch.bfloat16
+
+
+def test_the_record_names_the_cpu_with_family_and_the_instructions_that_set_its_speed():
+    from workers.ml import loading
+
+    cpuinfo = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 1\n"
+        "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
+        "processor\t: 1\nmodel name\t: something else\nflags\t\t: avx512f\n"
+    )
+    cpu = loading.cpu_description(cpuinfo)
+    assert cpu["model"] == "AMD EPYC (family 23 model 1)"  # the first CPU's, not the last
+    assert cpu["features"] == ["avx2"]
+    assert loading.cpu_description("")["features"] == []  # no /proc (not Linux): no guess
+    assert loading.cpu_description()["logical_cpus"] >= 1

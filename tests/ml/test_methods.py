@@ -188,6 +188,7 @@ def test_record_holds_what_changes_results(tiny_target, tmp_path):
     env = record["environment"]
     auto = str(loading.pick_placement("cpu", training=True).dtype).removeprefix("torch.")
     assert env["device"] == "cpu" and env["dtype"] == auto and env["torch"]
+    assert env["cpu"] == loading.cpu_description()  # timings compare on the same CPU only
     assert set(record["adapter_files"]) >= {"adapter_config.json", "adapter_model.safetensors"}
     assert len(record["outcome"]["curve"]) == 4
     assert record["durations_s"]["train"] > 0

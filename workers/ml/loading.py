@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import platform
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,6 +85,36 @@ def cpu_bf16_native() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+# The instruction sets that decide how fast a job runs on a CPU (measured: a bfloat16
+# step emulated on an AVX2-only EPYC took 10x its float32 time; BENCHMARKS.md)
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_description(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The CPU a job ran on, for its record: the model name (with family and model, which
+    a virtual machine's generic name such as "AMD EPYC" hides), its count of logical
+    CPUs, and which of `CPU_FEATURES` it has. Timings only compare on the same CPU."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    first: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in first:
+            first[key.strip()] = value.strip()
+    name = first.get("model name") or platform.processor() or "unknown"
+    if "cpu family" in first:
+        name += f" (family {first['cpu family']} model {first.get('model', '?')})"
+    flags = set(first.get("flags", "").split())
+    return {
+        "model": name,
+        "logical_cpus": os.cpu_count(),
+        "features": [f for f in CPU_FEATURES if f in flags],
+    }
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -159,6 +159,7 @@ def _run(
             "peft": peft.__version__,
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
+            "cpu": loading.cpu_description(),
             "shared_prefix": losses.shared_prefix_used(model),
         },
         "durations_s": {
