@@ -87,8 +87,8 @@ def cpu_bf16_native() -> bool:
         return False
 
 
-# The instruction sets that decide how fast a job runs on a CPU (measured: a bfloat16
-# step emulated on an AVX2-only EPYC took 10x its float32 time; BENCHMARKS.md)
+# The instruction sets that decide how fast a job runs on a CPU: the same job took 3x
+# as long on an AVX2-only EPYC as on one with AVX512-BF16 (BENCHMARKS.md)
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
