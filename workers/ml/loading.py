@@ -101,11 +101,9 @@ def cpu_description(cpuinfo: str | None = None) -> dict[str, Any]:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             cpuinfo = ""
-    first: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() not in first:
-            first[key.strip()] = value.strip()
+    # the first processor's block (the others repeat it)
+    lines = cpuinfo.split("\n\n", 1)[0].splitlines()
+    first = {k.strip(): v.strip() for k, sep, v in (ln.partition(":") for ln in lines) if sep}
     name = first.get("model name") or platform.processor() or "unknown"
     if "cpu family" in first:
         name += f" (family {first['cpu family']} model {first.get('model', '?')})"
