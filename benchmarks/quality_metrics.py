@@ -106,6 +106,16 @@ def _harmonic(values: list[float]) -> float:
     return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
 
 
+def _runs(people: list[synthetic.Person]) -> list[tuple[int, int]]:
+    """(start, length) of each person's items in the concatenated forget list."""
+    out, start = [], 0
+    for p in people:
+        n = len(synthetic.qa_items(p))
+        out.append((start, n))
+        start += n
+    return out
+
+
 def measure(
     folder: Path,
     adapter: Path | None,
@@ -139,6 +149,7 @@ def measure(
     f_ans, r_ans = answers[: len(forget)], answers[len(forget) :]
     probe, _ = evaluate.probe_accuracy(model, tok)
 
+    revealed = synthetic.revealed(f_ans, secrets)
     retain_prob = statistics.fmean(_norm_probs(model, tok, retain))
     retain_rouge = statistics.fmean(
         rouge_l_recall(a, i["completion"]) for a, i in zip(r_ans, retain, strict=True)
@@ -156,7 +167,8 @@ def measure(
         "forget_rouge": statistics.fmean(
             rouge_l_recall(a, i["completion"]) for a, i in zip(f_ans, forget, strict=True)
         ),
-        "secrets_revealed": sum(synthetic.revealed(f_ans, secrets)),
+        "secrets_revealed": sum(revealed),
+        "secrets_per_person": [sum(revealed[k : k + n]) for k, n in _runs(forget_people)],
         "forget_items": len(forget),
         "mia_auc": mia_auc,
         "forget_prob": statistics.fmean(math.exp(m) for m in loss[: len(forget)]),

@@ -46,3 +46,12 @@ def test_measure_on_the_tiny_target(tiny_target: str) -> None:
     # the target was fine-tuned on 8 of the person's 20 items: they are likelier than
     # never-seen stand-ins, so the membership AUC leans to "member"
     assert row["mia_auc"] > 0.5
+    assert row["secrets_per_person"] == [row["secrets_revealed"]]
+
+
+def test_each_persons_items_are_one_run_of_the_forget_list() -> None:
+    runs = qm._runs(PEOPLE[:3])
+    assert runs == [(0, 20), (20, 20), (40, 20)]
+    forget = [i for p in PEOPLE[:3] for i in synthetic.qa_items(p)]
+    for person, (start, n) in zip(PEOPLE[:3], runs, strict=True):
+        assert forget[start : start + n] == synthetic.qa_items(person)

@@ -12,7 +12,19 @@ class AuditPolicy(BaseModel):
 
     # Forgetting
     max_forget_prob_ratio: float = Field(
-        default=0.5, gt=0, le=1, description="forget probability after / before, at most"
+        default=0.5,
+        gt=0,
+        le=1,
+        description="forget probability after / before, at most; or as low as the holdout "
+        "items' before (see `forget_prob_holdout_level`)",
+    )
+    forget_prob_holdout_level: bool = Field(
+        default=True,
+        description="the forget probability also passes when it is at most the holdout "
+        "items' probability before (data of the same kind the model never saw): on a model "
+        "whose answer templates carry most of the probability, even a model retrained "
+        "without the person stays above half its value before (docs/audit.md). False: "
+        "the ratio alone",
     )
     forget_rouge_margin: float = Field(
         default=0.1,

@@ -485,18 +485,23 @@ def _judge(
     out: list[dict[str, Any]] = []
     add = out.append
     fp = metrics["forget_prob"]
-    ratio = fp["after"] / max(fp["before"], 1e-12)
-    add(
-        _criterion(
-            "forget_prob_ratio",
-            "forgetting",
-            ratio,
-            policy.max_forget_prob_ratio,
-            ratio <= policy.max_forget_prob_ratio,
-            f"forget probability fell to {ratio:.3f} of its value before "
-            f"(must be at most {policy.max_forget_prob_ratio})",
-        )
+    before = max(fp["before"], 1e-12)
+    ratio = fp["after"] / before
+    limit = policy.max_forget_prob_ratio
+    message = (
+        f"forget probability fell to {ratio:.3f} of its value before "
+        f"(must be at most {policy.max_forget_prob_ratio}"
     )
+    # Never-seen data's level, read on the model before (an adapter that raised the
+    # holdout items' probability must not lift its own bar).
+    level = metrics.get("holdout_prob", {}).get("before") if has_holdout else None
+    if policy.forget_prob_holdout_level and level is not None:
+        limit = max(limit, level / before)
+        message += (
+            f", or no more likely than never-seen holdout items: {level:.3f}, "
+            f"{level / before:.3f} of before"
+        )
+    add(_criterion("forget_prob_ratio", "forgetting", ratio, limit, ratio <= limit, message + ")"))
     rouge = metrics.get("forget_rouge", {}).get("after")
     reference = metrics.get("holdout_rouge", {}).get("after") if has_holdout else None
     if rouge is not None and reference is not None:
