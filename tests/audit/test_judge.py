@@ -41,3 +41,22 @@ def test_without_holdout_items_the_ratio_alone_is_judged():
     metrics = {"forget_prob": {"before": 0.84, "after": 0.636}}
     got = _judge(metrics, AuditPolicy(), has_holdout=False, mia=False)
     assert [c["passed"] for c in got if c["name"] == "forget_prob_ratio"] == [False]
+
+
+def _regression_criterion(regression: tuple[float, float], **policy) -> dict:
+    metrics = {
+        "forget_prob": {"before": 0.84, "after": 0.60},
+        "holdout_prob": {"before": 0.696, "after": 0.63},
+        "regression_prob": {"before": regression[0], "after": regression[1]},
+    }
+    got = _judge(metrics, AuditPolicy(**policy), has_holdout=True, mia=False)
+    return next(c for c in got if c["name"] == "regression_prob_ratio")
+
+
+def test_earlier_items_as_unlikely_as_never_seen_data_stay_forgotten():
+    # version 2 of the service's chain on the 40-person target: person 0's items at 0.611,
+    # stand-ins never seen at 0.696; half of the base (0.842) would ask for 0.421
+    c = _regression_criterion((0.842, 0.611))
+    assert c["passed"] and "never-seen holdout items: 0.696" in c["message"]
+    assert not _regression_criterion((0.842, 0.72))["passed"]  # came back above it
+    assert not _regression_criterion((0.842, 0.611), forget_prob_holdout_level=False)["passed"]

@@ -20,11 +20,11 @@ class AuditPolicy(BaseModel):
     )
     forget_prob_holdout_level: bool = Field(
         default=True,
-        description="the forget probability also passes when it is at most the holdout "
-        "items' probability before (data of the same kind the model never saw): on a model "
-        "whose answer templates carry most of the probability, even a model retrained "
-        "without the person stays above half its value before (docs/audit.md). False: "
-        "the ratio alone",
+        description="the forget probability, and the regression items' (earlier versions' "
+        "forgotten items), also pass when at most the holdout items' probability before "
+        "(data of the same kind the model never saw): on a model whose answer templates "
+        "carry most of the probability, even a model retrained without the person stays "
+        "above half its value before (docs/audit.md). False: the ratios alone",
     )
     forget_rouge_margin: float = Field(
         default=0.1,
@@ -116,5 +116,6 @@ class AuditPolicy(BaseModel):
         default=0.5,
         gt=0,
         le=1,
-        description="items forgotten by earlier versions: probability vs the base, at most",
+        description="items forgotten by earlier versions: probability vs the base, at most; "
+        "or as low as the holdout items' before (`forget_prob_holdout_level`)",
     )

@@ -479,6 +479,18 @@ def _criterion(
     }
 
 
+def _never_seen_level(
+    metrics: dict[str, Any], policy: AuditPolicy, *, has_holdout: bool
+) -> float | None:
+    """The holdout items' probability before (data of the kind asked about that the model
+    never saw), where the policy lets forgotten items pass at it. Read before: an adapter
+    that raised the holdout items' probability must not lift its own bar."""
+    if not (policy.forget_prob_holdout_level and has_holdout):
+        return None
+    level: float | None = metrics.get("holdout_prob", {}).get("before")
+    return level
+
+
 def _judge(
     metrics: dict[str, Any], policy: AuditPolicy, *, has_holdout: bool, mia: bool = True
 ) -> list[dict[str, Any]]:
@@ -492,10 +504,8 @@ def _judge(
         f"forget probability fell to {ratio:.3f} of its value before "
         f"(must be at most {policy.max_forget_prob_ratio}"
     )
-    # Never-seen data's level, read on the model before (an adapter that raised the
-    # holdout items' probability must not lift its own bar).
-    level = metrics.get("holdout_prob", {}).get("before") if has_holdout else None
-    if policy.forget_prob_holdout_level and level is not None:
+    level = _never_seen_level(metrics, policy, has_holdout=has_holdout)
+    if level is not None:
         limit = max(limit, level / before)
         message += (
             f", or no more likely than never-seen holdout items: {level:.3f}, "
@@ -669,15 +679,22 @@ def _judge(
     if "regression_prob" in metrics and metrics["regression_prob"]["before"]:
         g = metrics["regression_prob"]
         ratio_g = g["after"] / g["before"]
+        limit_g = policy.regression_max_prob_ratio
+        message = (
+            f"items forgotten by earlier versions are at {ratio_g:.3f} of their "
+            f"base-model probability (at most {policy.regression_max_prob_ratio}"
+        )
+        if level is not None:  # earlier items as likely as never-seen data: still forgotten
+            limit_g = max(limit_g, level / g["before"])
+            message += f", or no more likely than never-seen holdout items: {level:.3f}"
         add(
             _criterion(
                 "regression_prob_ratio",
                 "regression",
                 ratio_g,
-                policy.regression_max_prob_ratio,
-                ratio_g <= policy.regression_max_prob_ratio,
-                f"items forgotten by earlier versions are at {ratio_g:.3f} of their "
-                f"base-model probability (at most {policy.regression_max_prob_ratio})",
+                limit_g,
+                ratio_g <= limit_g,
+                message + ")",
             )
         )
     return out
