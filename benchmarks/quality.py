@@ -247,9 +247,13 @@ def plot_chain(rows: list[dict[str, Any]], path: Path) -> None:
         v,
         [r["secrets_revealed"] / r["forget_items"] for r in rows],
         "^-",
-        label="people forgotten so far: secrets revealed",
+        label="people requested so far: secrets stated",
     )
-    ax.set_xlabel("requests (one person each; 0: the target)")
+    # A quarantined version is not served and the next continues from the last passing one
+    for r in rows:
+        if r.get("audit", "passed") != "passed":
+            ax.axvline(r["request"], color="grey", lw=6, alpha=0.2)
+    ax.set_xlabel("requests (one person each; 0: the target; shaded: quarantined)")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
     fig.tight_layout()
