@@ -12,20 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from workers.audit.policy import AuditPolicy
-from workers.audit.run import _judge
-
-
-def rejudge(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The criteria as the current code judges the report's metrics under its own policy."""
-    policy = AuditPolicy(**report["policy"])
-    has_holdout = "holdout_prob" in report["metrics"]
-    return _judge(
-        report["metrics"],
-        policy,
-        has_holdout=has_holdout,
-        mia=report.get("membership_test") == "judged",
-    )
+from workers.audit.run import judge_report
 
 
 def _names(criteria: list[dict[str, Any]]) -> list[str]:
@@ -38,7 +25,7 @@ def main() -> None:
     for path in ap.parse_args().reports:
         report = json.loads(path.read_text())
         then = _names(report["verdict"]["failed"])
-        now = _names(rejudge(report))
+        now = _names(judge_report(report))
         print(f"{path}: failed then {then or 'nothing'}; now {now or 'nothing'}")
 
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from benchmarks.rejudge import rejudge
 from tests.ml.targets import FORGET, RETAIN, TINY_ANSWER_GUARD_OFF
 from workers.audit.policy import AuditPolicy
-from workers.audit.run import AuditInput, audit_adapter
+from workers.audit.run import AuditInput, audit_adapter, judge_report
 from workers.ml import loading
 from workers.ml.run import run_job
 from workers.ml.specs import JobSpec
@@ -107,14 +106,14 @@ def test_a_real_unlearning_run_passes_and_reports_everything(tiny_target, unlear
     assert _groups(strict) == {"privacy"}, strict["verdict"]["failed"]
     assert strict["metrics"]["mia_loss_auc"]["after"] > 0.8
     # a stored report judged again from its own metrics and policy: the same criteria
-    assert rejudge(json.loads(json.dumps(strict))) == strict["verdict"]["criteria"]
+    assert judge_report(json.loads(json.dumps(strict))) == strict["verdict"]["criteria"]
 
     # By default 8 items are too few to judge membership: reported, not judged.
     inp.policy = AuditPolicy()
     report = audit_adapter(inp)
     assert report["membership_test"].startswith("reported, not judged")
     assert report["verdict"]["passed"] is True, report["verdict"]["failed"]
-    assert rejudge(json.loads(json.dumps(report))) == report["verdict"]["criteria"]
+    assert judge_report(json.loads(json.dumps(report))) == report["verdict"]["criteria"]
     groups = {c["group"] for c in report["verdict"]["criteria"]}
     assert groups == {"forgetting", "utility", "fluency", "robustness"}
     m = report["metrics"]

@@ -491,27 +491,57 @@ def _never_seen_level(
     return level
 
 
-def _judge(
-    metrics: dict[str, Any], policy: AuditPolicy, *, has_holdout: bool, mia: bool = True
-) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    add = out.append
-    fp = metrics["forget_prob"]
-    before = max(fp["before"], 1e-12)
-    ratio = fp["after"] / before
-    limit = policy.max_forget_prob_ratio
-    message = (
-        f"forget probability fell to {ratio:.3f} of its value before "
-        f"(must be at most {policy.max_forget_prob_ratio}"
-    )
-    level = _never_seen_level(metrics, policy, has_holdout=has_holdout)
+def _prob_criterion(
+    name: str,
+    group: str,
+    prob: dict[str, float],
+    max_ratio: float,
+    level: float | None,
+    what: str,
+    of: str,
+) -> dict[str, Any]:
+    """Probability after / before at most `max_ratio`, or after at most the never-seen
+    `level` (reported as the larger of the two bars, as a ratio)."""
+    before = max(prob["before"], 1e-12)
+    ratio, limit = prob["after"] / before, max_ratio
+    message = f"{what} {ratio:.3f} of {of} (must be at most {max_ratio}"
     if level is not None:
         limit = max(limit, level / before)
         message += (
             f", or no more likely than never-seen holdout items: {level:.3f}, "
             f"{level / before:.3f} of before"
         )
-    add(_criterion("forget_prob_ratio", "forgetting", ratio, limit, ratio <= limit, message + ")"))
+    return _criterion(name, group, ratio, limit, ratio <= limit, message + ")")
+
+
+def judge_report(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The criteria the current code gives a stored report's metrics under its own policy
+    (what a change of a criterion does to verdicts already on disk)."""
+    return _judge(
+        report["metrics"],
+        AuditPolicy(**report["policy"]),
+        has_holdout="holdout_prob" in report["metrics"],
+        mia=report.get("membership_test") == "judged",
+    )
+
+
+def _judge(
+    metrics: dict[str, Any], policy: AuditPolicy, *, has_holdout: bool, mia: bool = True
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    add = out.append
+    level = _never_seen_level(metrics, policy, has_holdout=has_holdout)
+    add(
+        _prob_criterion(
+            "forget_prob_ratio",
+            "forgetting",
+            metrics["forget_prob"],
+            policy.max_forget_prob_ratio,
+            level,
+            "forget probability fell to",
+            "its value before",
+        )
+    )
     rouge = metrics.get("forget_rouge", {}).get("after")
     reference = metrics.get("holdout_rouge", {}).get("after") if has_holdout else None
     if rouge is not None and reference is not None:
@@ -677,24 +707,15 @@ def _judge(
                 )
             )
     if "regression_prob" in metrics and metrics["regression_prob"]["before"]:
-        g = metrics["regression_prob"]
-        ratio_g = g["after"] / g["before"]
-        limit_g = policy.regression_max_prob_ratio
-        message = (
-            f"items forgotten by earlier versions are at {ratio_g:.3f} of their "
-            f"base-model probability (at most {policy.regression_max_prob_ratio}"
-        )
-        if level is not None:  # earlier items as likely as never-seen data: still forgotten
-            limit_g = max(limit_g, level / g["before"])
-            message += f", or no more likely than never-seen holdout items: {level:.3f}"
         add(
-            _criterion(
+            _prob_criterion(
                 "regression_prob_ratio",
                 "regression",
-                ratio_g,
-                limit_g,
-                ratio_g <= limit_g,
-                message + ")",
+                metrics["regression_prob"],
+                policy.regression_max_prob_ratio,
+                level,  # earlier items as likely as never-seen data: still forgotten
+                "items forgotten by earlier versions are at",
+                "their base-model probability",
             )
         )
     return out
