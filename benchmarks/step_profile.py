@@ -4,7 +4,11 @@ scope check; with the tokens each item costs. Prints one line per part (mean of
 `--repeat` timed runs after one warm-up).
 
     .venv/bin/python -m benchmarks.step_profile [--batch 4] [--retain-batch 4] [--repeat 3]
-        [--dtype bfloat16]
+        [--dtype bfloat16] [--lora-layers 8]
+
+`--lora-layers N`: LoRA on the top N blocks only; the parts then run from the frozen
+trunk's kept states (workers/ml/trunk.py), and one more line says what filling it for
+every forget and retain item costs once.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from workers.ml import loading, synthetic
 from workers.ml.data import collate, encode_all
 from workers.ml.losses import kl_to_reference, mean_nll, sequence_stats
 from workers.ml.memwatch import rss_bytes
+from workers.ml.run import _top_layers
 from workers.ml.training import CHECK_BATCH, Datasets, scope_metrics, sequence_logprobs
+from workers.ml.trunk import frozen_trunk
 
 
 def timed(fn: Callable[[], object], repeat: int) -> float:
@@ -40,6 +46,7 @@ def main() -> None:
     ap.add_argument("--retain-batch", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dtype", default="float32", help="float32 or bfloat16 (the weights')")
+    ap.add_argument("--lora-layers", type=int, help="adapt only the top N blocks")
     args = ap.parse_args()
     before = rss_bytes()
     model, tok = loading.load(
@@ -47,7 +54,8 @@ def main() -> None:
     )
     loaded = rss_bytes()
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    adapted = _top_layers(model, args.lora_layers, "all-linear")
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, **adapted))
     people = synthetic.people(8, seed=7)
     forget = encode_all(tok, synthetic.qa_items(people[0]), 256)
     retain = encode_all(tok, [i for p in people[1:] for i in synthetic.qa_items(p)], 256)
@@ -62,6 +70,31 @@ def main() -> None:
         f"pads to {f_batch['input_ids'].shape[1]}"
     )
 
+    data = Datasets(forget=forget, retain=retain, retain_eval=24)
+    check_items = forget + data.retain_sample()
+
+    model.train()
+    with frozen_trunk(model) as trunk:
+        if trunk is not None:
+            t = time.perf_counter()
+            with torch.no_grad():
+                for items in (forget, retain):
+                    for start in range(0, len(items), CHECK_BATCH):
+                        idx = list(range(start, min(start + CHECK_BATCH, len(items))))
+                        b = collate(items, idx, pad)
+                        trunk.hidden(b["input_ids"], b["attention_mask"])
+            what = f"trunk of {trunk.start} blocks, {trunk.computed} items, once"
+            print(f"{what:55s} {time.perf_counter() - t:6.2f} s", flush=True)
+        _profile(model, args, f_batch, r_batch, forget, data, pad, check_items)
+    gib = 2**30
+    print(
+        f"resident memory: {before / gib:.2f} GiB before loading, {loaded / gib:.2f} GiB "
+        f"loaded ({loading.weights_bytes(model) / gib:.2f} GiB of weights), "
+        f"{rss_bytes() / gib:.2f} GiB after the steps"
+    )
+
+
+def _profile(model, args, f_batch, r_batch, forget, data, pad, check_items) -> None:  # type: ignore[no-untyped-def]
     def forget_fwd() -> None:
         with torch.no_grad():
             sequence_stats(model, f_batch)
@@ -78,17 +111,12 @@ def main() -> None:
         model.zero_grad()
         kl_to_reference(model, r_batch).backward()
 
-    data = Datasets(forget=forget, retain=retain, retain_eval=24)
-
     def check() -> None:
         scope_metrics(model, data, pad)
-
-    check_items = forget + data.retain_sample()
 
     def check_passes(size: int) -> Callable[[], None]:
         return lambda: sequence_logprobs(model, check_items, pad, batch_size=size)
 
-    model.train()
     for name, fn in (
         ("forget forward", forget_fwd),
         ("forget forward+backward", forget_fwd_bwd),
@@ -102,12 +130,6 @@ def main() -> None:
         (f"... in passes of {len(check_items)}", check_passes(len(check_items))),
     ):
         print(f"{name:55s} {timed(fn, args.repeat):6.2f} s", flush=True)
-    gib = 2**30
-    print(
-        f"resident memory: {before / gib:.2f} GiB before loading, {loaded / gib:.2f} GiB "
-        f"loaded ({loading.weights_bytes(model) / gib:.2f} GiB of weights), "
-        f"{rss_bytes() / gib:.2f} GiB after the steps"
-    )
 
 
 if __name__ == "__main__":

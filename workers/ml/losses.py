@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from workers.ml import trunk as trunks
 from workers.ml.data import IGNORE
 
 _NO_KEEP: set[tuple[type, type]] = set()  # _kind()s that ignore or refuse boolean logits_to_keep
@@ -168,6 +169,25 @@ def prefix_sharing(enabled: bool) -> Iterator[None]:
         SHARE_PREFIX = before
 
 
+def _trunk_agrees(
+    model: Any, trunk: trunks.Trunk, inputs: dict[str, torch.Tensor], keep: torch.Tensor
+) -> bool:
+    """Checked once per model class and compute dtype: logits from the frozen trunk's
+    kept output equal the plain forward's (up to that dtype's rounding)."""
+    dtype = _compute_dtype(model)
+    ok = trunks.checked(model, dtype)
+    if ok is None:
+        try:
+            with torch.no_grad():
+                ok = same_logits(
+                    trunk.logits(inputs, keep), _plain_logits(model, inputs, keep), dtype
+                )
+        except (TypeError, ValueError, AttributeError, RuntimeError):
+            ok = False
+        trunks.record_check(model, dtype, ok)
+    return ok
+
+
 def kept_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [N, V] at the kept positions (row-major order) and the targets [N]."""
     device = next(model.parameters()).device
@@ -175,6 +195,9 @@ def kept_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     labels = batch["labels"].to(device)
     keep = _keep_mask(labels)
     targets = labels[:, 1:][keep[:, :-1]]
+    trunk = trunks.active(model)
+    if trunk is not None and _trunk_agrees(model, trunk, inputs, keep):
+        return trunk.logits(inputs, keep), targets
     p = shared_prefix_length(inputs["input_ids"], keep)
     if p >= MIN_SHARED and _sharing_allowed(model) and _can_share(model, inputs, keep, p):
         return _prefix_logits(model, inputs, keep, p), targets

@@ -23,6 +23,7 @@ from workers.ml.data import encode_all, rare_token_weights, value_token_weights
 from workers.ml.memwatch import PeakRSS
 from workers.ml.specs import JobSpec, for_batched_job
 from workers.ml.training import CancelFn, Datasets, ProgressFn, runs, train
+from workers.ml.trunk import frozen_trunk, trunk_record
 from workers.ml.values import neighbours
 
 ENGINE_VERSION = "1"
@@ -43,10 +44,37 @@ def _wrap_with_lora(model: Any, spec: Any, previous: str | None) -> Any:
         r=spec.lora_rank,
         lora_alpha=spec.lora_alpha,
         lora_dropout=0.0,  # dropout would make resumed runs differ
-        target_modules=spec.lora_targets,
         task_type="CAUSAL_LM",
+        **_top_layers(model, spec.lora_layers, spec.lora_targets),
     )
     return get_peft_model(model, config)
+
+
+def _top_layers(model: Any, count: int | None, targets: str | list[str]) -> dict[str, Any]:
+    """PEFT's target arguments, restricted to the top `count` blocks when given."""
+    total = getattr(model.config, "num_hidden_layers", None)
+    if count is None or total is None or count >= total:
+        return {"target_modules": targets}
+    return {
+        "target_modules": _targets(model, targets),
+        "layers_to_transform": list(range(total - count, total)),
+    }
+
+
+def _targets(model: Any, targets: str | list[str]) -> str | list[str]:
+    """PEFT takes layers_to_transform only with module names: "all-linear" spelled out
+    (every linear layer's name inside the blocks; the output head is never adapted)."""
+    if targets != "all-linear":
+        return targets
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output
+    }
+    return sorted(names)
 
 
 def run_job(
@@ -117,17 +145,18 @@ def _run(
         data.per_item = len(substitutes[0])
         data.substitutes = encode_all(tok, [s for per in substitutes for s in per], m.max_length)
     t_loaded = time.perf_counter()
-    outcome = train(
-        model,
-        method,
-        m,
-        data,
-        tok.pad_token_id,
-        workdir,
-        progress=progress,
-        should_cancel=should_cancel,
-        continues_chain=spec.previous_adapter is not None,
-    )
+    with frozen_trunk(model) as trunk:
+        outcome = train(
+            model,
+            method,
+            m,
+            data,
+            tok.pad_token_id,
+            workdir,
+            progress=progress,
+            should_cancel=should_cancel,
+            continues_chain=spec.previous_adapter is not None,
+        )
     digests = adapters.save(model, workdir / "adapter", base_name=spec.model_source)
     if progress is not None:
         progress(1.0, {"step": outcome.steps})
@@ -161,6 +190,7 @@ def _run(
             "threads": torch.get_num_threads(),
             "cpu": loading.cpu_description(),
             "shared_prefix": losses.shared_prefix_used(model),
+            "trunk": trunk_record(model, trunk),
         },
         "durations_s": {
             "load": t_loaded - t0,

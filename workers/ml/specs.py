@@ -63,6 +63,14 @@ class _MethodBase(BaseModel):
     lora_targets: Literal["all-linear"] | list[str] = Field(
         default="all-linear", description="module names to adapt, or every linear layer"
     )
+    lora_layers: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="adapt only the top this many transformer blocks (None: all). The "
+        "blocks below are then a frozen trunk: their output for each item is computed "
+        "once and every step runs only the adapted blocks (workers/ml/trunk.py)",
+    )
     max_length: int = Field(default=256, ge=16, le=8192, description="tokens per item")
     gradient_checkpointing: bool = Field(
         default=False,

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from workers.ml import trunk as trunks
 from workers.ml.data import BatchOrder, Encoded, collate
 from workers.ml.losses import sequence_logp_exact, sequence_stats
 from workers.ml.methods.base import Method, References
@@ -374,6 +375,7 @@ def train(
     forget_order = BatchOrder(len(data.forget), spec.batch_size, spec.seed)
     retain_bs = spec.retain_batch_size or spec.batch_size
     ckpt_path = workdir / CHECKPOINT
+    trunk = trunks.active(model)
 
     if ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -385,6 +387,8 @@ def train(
         breaches, intact = ck.get("breaches", 0), ck.get("intact", [])
         data.repair, last_kept = ck.get("repair", []), ck.get("last_kept")
         thresholds = ck.get("group_thresholds")
+        if trunk is not None and ck.get("trunk") is not None:
+            trunk.restore(ck["trunk"])
         latest = ck.get("latest")  # None (an older checkpoint): the next check reads all
         curve, evals, tokens = ck["curve"], ck["evals"], ck["tokens"]
         resumed_from: int | None = step
@@ -521,6 +525,7 @@ def train(
                     "last_kept": last_kept,
                     "group_thresholds": thresholds,
                     "latest": latest,
+                    "trunk": trunk.state() if trunk is not None else None,
                     "curve": curve,
                     "evals": evals,
                     "tokens": tokens,

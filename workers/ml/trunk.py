@@ -1,0 +1,180 @@
+"""The frozen trunk: when LoRA adapts only the top layers (`lora_layers`), the layers
+below the first adapted one compute the same function of the tokens at every step,
+with the adapter on or off. Their output for each item (the hidden states entering the
+first adapted layer) is computed once, kept, and every later forward pass (training
+steps, the KL reference, scope checks) runs only the adapted layers on it. The backward
+pass stops there anyway: nothing below requires a gradient.
+
+How the model is cut: its decoder's `layers` list is swapped for a slice for the
+duration of a call (the model's own forward does the rest: masks, rotary positions,
+the final norm, the head), with the final norm switched off for the bottom part.
+The top part enters through `inputs_embeds`, which is exact for architectures whose
+embedding output goes to the first layer unchanged (Llama, Qwen, Mistral and
+relatives); one that adds position embeddings or scales them (GPT-2, Gemma) would
+differ, so each model class is checked once against the plain forward, as the shared
+prefix is (losses.py), and used only if they agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+# Kept hidden states per job at most (float32 SmolLM2: 2.3 KB a token, a 60-token item
+# 0.14 MB, so 256 MiB holds ~1800 items). Items past it are recomputed when needed.
+CACHE_BUDGET_BYTES = 256 * 2**20
+
+_ACTIVE: dict[int, Trunk] = {}
+_CHECKED: dict[tuple[type, type, torch.dtype], bool] = {}
+
+
+def decoder_of(model: Any) -> Any | None:
+    """The module holding the transformer blocks as `layers` and a final `norm`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", None)
+    layers, norm = getattr(inner, "layers", None), getattr(inner, "norm", None)
+    if isinstance(layers, nn.ModuleList) and isinstance(norm, nn.Module):
+        return inner
+    return None
+
+
+def first_adapted_layer(model: Any) -> int | None:
+    """The index of the lowest block holding an adapter's weights (None: no blocks, or
+    no adapter). Everything below it is the frozen trunk."""
+    inner = decoder_of(model)
+    if inner is None:
+        return None
+    for k, layer in enumerate(inner.layers):
+        if any("lora_" in name for name, _ in layer.named_parameters()):
+            return k
+    return None
+
+
+@contextmanager
+def _only(inner: Any, layers: list[nn.Module], final_norm: bool) -> Iterator[None]:
+    """The decoder runs `layers` only (and its final norm only if `final_norm`)."""
+    saved_layers, saved_norm = inner.layers, inner.norm
+    inner.layers = nn.ModuleList(layers)
+    if not final_norm:
+        inner.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        inner.layers, inner.norm = saved_layers, saved_norm
+
+
+class Trunk:
+    """The kept outputs of layers [0, start) per item (keyed by its token ids)."""
+
+    def __init__(self, model: Any, start: int) -> None:
+        self.model, self.start = model, start
+        self.inner = decoder_of(model)
+        self.cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self.bytes = 0
+        self.computed = 0  # items run through the trunk (cache misses)
+
+    def state(self) -> dict[tuple[int, ...], torch.Tensor]:
+        """The kept states, for a checkpoint: a resumed run must read the very numbers
+        the uninterrupted one did (a batch of another shape rounds differently)."""
+        return dict(self.cache)
+
+    def restore(self, state: dict[tuple[int, ...], torch.Tensor]) -> None:
+        self.cache = dict(state)
+        self.bytes = sum(t.nbytes for t in self.cache.values())
+
+    def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The trunk's output for a right-padded batch [B, T, D] (zeros at padding)."""
+        lengths = mask.sum(dim=1).tolist()
+        keys = [tuple(ids[k, :n].tolist()) for k, n in enumerate(lengths)]
+        missing = sorted({k for k, key in enumerate(keys) if key not in self.cache})
+        fresh: dict[tuple[int, ...], torch.Tensor] = {}
+        if missing:
+            width = max(lengths[k] for k in missing)
+            layers = list(self.inner.layers)[: self.start]
+            with torch.no_grad(), _only(self.inner, layers, final_norm=False):
+                out = self.inner(
+                    input_ids=ids[missing, :width],
+                    attention_mask=mask[missing, :width],
+                    use_cache=False,
+                ).last_hidden_state
+            self.computed += len(missing)
+            for row, k in enumerate(missing):
+                state = out[row, : lengths[k]].detach().clone()
+                fresh[keys[k]] = state
+                if self.bytes + state.nbytes <= CACHE_BUDGET_BYTES:
+                    self.cache[keys[k]] = state
+                    self.bytes += state.nbytes
+        rows = [self.cache.get(key, fresh.get(key)) for key in keys]
+        first = rows[0]
+        assert first is not None
+        out = first.new_zeros((len(rows), ids.shape[1], first.shape[-1]))
+        for k, state in enumerate(rows):
+            assert state is not None
+            out[k, : state.shape[0]] = state
+        return out
+
+    def logits(self, inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+        """The kept logits [N, V] of the whole model, from the trunk's output."""
+        h = self.hidden(inputs["input_ids"], inputs["attention_mask"])
+        layers = list(self.inner.layers)[self.start :]
+        with _only(self.inner, layers, final_norm=True):
+            out = self.model(
+                inputs_embeds=h,
+                attention_mask=inputs["attention_mask"],
+                use_cache=False,
+                logits_to_keep=keep,
+            ).logits
+        if out.dim() != 2 or out.shape[0] != int(keep.sum()):
+            raise TypeError("boolean logits_to_keep not honoured")
+        return out
+
+
+def active(model: Any) -> Trunk | None:
+    return _ACTIVE.get(id(model))
+
+
+@contextmanager
+def frozen_trunk(model: Any) -> Iterator[Trunk | None]:
+    """Within the block, `losses.kept_logits` runs `model` from its trunk's kept output
+    (when it has a trunk: an adapter that leaves the lowest blocks alone). Yields the
+    trunk, or None when the model has none."""
+    start = first_adapted_layer(model)
+    if not start or id(model) in _ACTIVE:
+        yield None
+        return
+    trunk = Trunk(model, start)
+    _ACTIVE[id(model)] = trunk
+    try:
+        yield trunk
+    finally:
+        del _ACTIVE[id(model)]
+
+
+def checked(model: Any, dtype: torch.dtype) -> bool | None:
+    """Whether this model class's trunk path was checked against the plain forward and
+    agreed (None: not checked yet)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _CHECKED.get((type(model), type(base), dtype))
+
+
+def record_check(model: Any, dtype: torch.dtype, ok: bool) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _CHECKED[(type(model), type(base), dtype)] = ok
+
+
+def trunk_record(model: Any, trunk: Trunk | None) -> dict[str, Any] | None:
+    """What the record says: the blocks kept frozen, whether the trunk path was used
+    (its check passed), and how many items it ran and kept."""
+    if trunk is None:
+        return None
+    dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)
+    return {
+        "frozen_layers": trunk.start,
+        "used": bool(checked(model, dtype)),
+        "items_computed": trunk.computed,
+        "kept_bytes": trunk.bytes,
+    }
