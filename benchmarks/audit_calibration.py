@@ -82,7 +82,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also append one JSON line per adapter here")
     ap.add_argument("--reports", type=Path, help="also write each full audit here as JSON and HTML")
     ap.add_argument("--seed", type=int, default=7, help="the fictitious people (target) to use")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        help="key=json-value overrides of the engine's default method (its run is then "
+        "named 'default+')",
+    )
     args = ap.parse_args()
+    if args.set:
+        from workers.ml.specs import DEFAULT_METHOD
+
+        overrides = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)}
+        args.methods = json.dumps({"default+": {**DEFAULT_METHOD, **overrides}})
     place = {"device": args.device, "dtype": args.dtype}
     folder, people = target(seed=args.seed, device=args.device)
     person = people[0]

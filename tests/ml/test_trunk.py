@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 
 from tests.ml.targets import FORGET, RETAIN
-from tests.ml.test_methods import _adapter, spec_for
+from tests.ml.test_methods import SYSTEM, _adapter, spec_for
 from workers.ml import loading, losses, synthetic
 from workers.ml import trunk as trunks
 from workers.ml.data import collate, encode_all
@@ -39,24 +39,31 @@ def _logits_and_grads(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return logits.detach(), grads
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["own-prefix", "shared-prefix"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_the_trunk_gives_the_plain_logits_and_gradients_and_runs_each_item_once(tmp_path, family):
+def test_the_trunk_gives_the_plain_logits_and_gradients_and_runs_each_item_once(
+    tmp_path, family, shared
+):
     from tests.ml import tiny
 
     folder = tiny.build(tmp_path / "base", layers=4, family=family)
     model, tok = _top_lora(str(folder), layers=2)
     assert trunks.first_adapted_layer(model) == 2
     items = synthetic.qa_items(synthetic.people(2, seed=1)[0])[:5]
+    if shared:  # a long common prefix, as a chat template's system prompt gives
+        items = [{**i, "prompt": f"{SYSTEM} {i['prompt']}"} for i in items]
     batch = collate(encode_all(tok, items, 256), list(range(5)), tok.pad_token_id)
+    keep = losses._keep_mask(batch["labels"])
+    assert (losses.shared_prefix_length(batch["input_ids"], keep) >= losses.MIN_SHARED) == shared
     with losses.prefix_sharing(False):
         plain, g_plain = _logits_and_grads(model, batch)
-        with trunks.frozen_trunk(model) as trunk:
-            assert trunk is not None
-            cut, g_cut = _logits_and_grads(model, batch)
-            assert trunk.computed == 5
-            _logits_and_grads(model, batch)
-            assert trunk.computed == 5  # kept: the second pass runs only the top blocks
-    assert trunks.checked(model, torch.float32)
+    with trunks.frozen_trunk(model) as trunk:
+        assert trunk is not None
+        cut, g_cut = _logits_and_grads(model, batch)
+        assert trunk.computed == 5
+        _logits_and_grads(model, batch)
+        assert trunk.computed == 5  # kept: the second pass runs only the top blocks
+    assert trunks.checked(model, torch.float32, shared=shared)
     assert torch.allclose(plain, cut, atol=1e-5)
     assert torch.allclose(g_plain, g_cut, rtol=1e-4, atol=1e-6)
     assert g_plain.abs().max() > 0

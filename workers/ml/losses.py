@@ -170,21 +170,25 @@ def prefix_sharing(enabled: bool) -> Iterator[None]:
 
 
 def _trunk_agrees(
-    model: Any, trunk: trunks.Trunk, inputs: dict[str, torch.Tensor], keep: torch.Tensor
+    model: Any,
+    trunk: trunks.Trunk,
+    inputs: dict[str, torch.Tensor],
+    keep: torch.Tensor,
+    shared: int,
 ) -> bool:
-    """Checked once per model class and compute dtype: logits from the frozen trunk's
-    kept output equal the plain forward's (up to that dtype's rounding)."""
+    """Checked once per model class, compute dtype and whether a prefix is shared:
+    logits from the frozen trunk's kept output equal the plain forward's (up to that
+    dtype's rounding)."""
     dtype = _compute_dtype(model)
-    ok = trunks.checked(model, dtype)
+    ok = trunks.checked(model, dtype, shared > 0)
     if ok is None:
         try:
             with torch.no_grad():
-                ok = same_logits(
-                    trunk.logits(inputs, keep), _plain_logits(model, inputs, keep), dtype
-                )
-        except (TypeError, ValueError, AttributeError, RuntimeError):
+                cut = trunk.logits(inputs, keep, shared)
+                ok = same_logits(cut, _plain_logits(model, inputs, keep), dtype)
+        except (TypeError, ValueError, AttributeError, RuntimeError, IndexError):
             ok = False
-        trunks.record_check(model, dtype, ok)
+        trunks.record_check(model, dtype, shared > 0, ok)
     return ok
 
 
@@ -195,10 +199,14 @@ def kept_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     labels = batch["labels"].to(device)
     keep = _keep_mask(labels)
     targets = labels[:, 1:][keep[:, :-1]]
-    trunk = trunks.active(model)
-    if trunk is not None and _trunk_agrees(model, trunk, inputs, keep):
-        return trunk.logits(inputs, keep), targets
     p = shared_prefix_length(inputs["input_ids"], keep)
+    trunk = trunks.active(model)
+    if trunk is not None:
+        shared = p if p >= MIN_SHARED and _sharing_allowed(model) else 0
+        if shared and _trunk_agrees(model, trunk, inputs, keep, shared):
+            return trunk.logits(inputs, keep, shared), targets
+        if _trunk_agrees(model, trunk, inputs, keep, 0):
+            return trunk.logits(inputs, keep), targets
     if p >= MIN_SHARED and _sharing_allowed(model) and _can_share(model, inputs, keep, p):
         return _prefix_logits(model, inputs, keep, p), targets
     return _plain_logits(model, inputs, keep), targets

@@ -29,7 +29,7 @@ from torch import nn
 CACHE_BUDGET_BYTES = 256 * 2**20
 
 _ACTIVE: dict[int, Trunk] = {}
-_CHECKED: dict[tuple[type, type, torch.dtype], bool] = {}
+_CHECKED: dict[tuple[type, type, torch.dtype, bool], bool] = {}
 
 
 def decoder_of(model: Any) -> Any | None:
@@ -117,20 +117,48 @@ class Trunk:
             out[k, : state.shape[0]] = state
         return out
 
-    def logits(self, inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
-        """The kept logits [N, V] of the whole model, from the trunk's output."""
-        h = self.hidden(inputs["input_ids"], inputs["attention_mask"])
+    def logits(
+        self, inputs: dict[str, torch.Tensor], keep: torch.Tensor, shared: int = 0
+    ) -> torch.Tensor:
+        """The kept logits [N, V] of the whole model, from the trunk's output. `shared`:
+        the batch's first tokens, the same in every row, go through the adapted blocks
+        once (batch 1) and their keys and values are repeated over the batch (the
+        shared prefix of losses.py, on the top blocks only)."""
+        mask = inputs["attention_mask"]
+        h = self.hidden(inputs["input_ids"], mask)
         layers = list(self.inner.layers)[self.start :]
         with _only(self.inner, layers, final_norm=True):
-            out = self.model(
-                inputs_embeds=h,
-                attention_mask=inputs["attention_mask"],
-                use_cache=False,
-                logits_to_keep=keep,
-            ).logits
+            if shared:
+                out = self._shared_top(h, mask, keep, shared)
+            else:
+                out = self.model(
+                    inputs_embeds=h, attention_mask=mask, use_cache=False, logits_to_keep=keep
+                ).logits
         if out.dim() != 2 or out.shape[0] != int(keep.sum()):
             raise TypeError("boolean logits_to_keep not honoured")
         return out
+
+    def _shared_top(
+        self, h: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, p: int
+    ) -> torch.Tensor:
+        head = self.model(
+            inputs_embeds=h[:1, :p], attention_mask=mask[:1, :p], use_cache=True, logits_to_keep=1
+        )
+        cache = head.cache  # transformers 5: `cache` (formerly past_key_values)
+        cache.batch_repeat_interleave(h.shape[0])
+        # The cache holds the adapted blocks' keys only (indices start..): the model reads
+        # the length of what is cached from block 0's slot, so that slot shows block
+        # `start`'s (read before the rest is appended). Positions are given explicitly.
+        cache.layers[0] = cache.layers[self.start]
+        positions = torch.arange(p, h.shape[1], device=h.device).unsqueeze(0)
+        return self.model(
+            inputs_embeds=h[:, p:],
+            attention_mask=mask,
+            cache=cache,
+            use_cache=True,
+            position_ids=positions,
+            logits_to_keep=keep[:, p:],
+        ).logits
 
 
 def active(model: Any) -> Trunk | None:
@@ -154,16 +182,16 @@ def frozen_trunk(model: Any) -> Iterator[Trunk | None]:
         del _ACTIVE[id(model)]
 
 
-def checked(model: Any, dtype: torch.dtype) -> bool | None:
-    """Whether this model class's trunk path was checked against the plain forward and
-    agreed (None: not checked yet)."""
+def checked(model: Any, dtype: torch.dtype, shared: bool = False) -> bool | None:
+    """Whether this model class's trunk path (with a shared prefix, or without) was
+    checked against the plain forward and agreed (None: not checked yet)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _CHECKED.get((type(model), type(base), dtype))
+    return _CHECKED.get((type(model), type(base), dtype, shared))
 
 
-def record_check(model: Any, dtype: torch.dtype, ok: bool) -> None:
+def record_check(model: Any, dtype: torch.dtype, shared: bool, ok: bool) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    _CHECKED[(type(model), type(base), dtype)] = ok
+    _CHECKED[(type(model), type(base), dtype, shared)] = ok
 
 
 def trunk_record(model: Any, trunk: Trunk | None) -> dict[str, Any] | None:
@@ -174,7 +202,8 @@ def trunk_record(model: Any, trunk: Trunk | None) -> dict[str, Any] | None:
     dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)
     return {
         "frozen_layers": trunk.start,
-        "used": bool(checked(model, dtype)),
+        "used": bool(checked(model, dtype)) or bool(checked(model, dtype, shared=True)),
+        "shared_prefix": bool(checked(model, dtype, shared=True)),
         "items_computed": trunk.computed,
         "kept_bytes": trunk.bytes,
     }
