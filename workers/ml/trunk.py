@@ -71,8 +71,10 @@ class Trunk:
     """The kept outputs of layers [0, start) per item (keyed by its token ids)."""
 
     def __init__(self, model: Any, start: int) -> None:
-        self.model, self.start = model, start
-        self.inner = decoder_of(model)
+        inner = decoder_of(model)
+        if inner is None:
+            raise ValueError("the model has no `layers` of blocks to cut")
+        self.model, self.start, self.inner = model, start, inner
         self.cache: dict[tuple[int, ...], torch.Tensor] = {}
         self.bytes = 0
         self.computed = 0  # items run through the trunk (cache misses)
