@@ -63,7 +63,7 @@ def test_the_trunk_gives_the_plain_logits_and_gradients_and_runs_each_item_once(
         assert trunk.computed == 5
         _logits_and_grads(model, batch)
         assert trunk.computed == 5  # kept: the second pass runs only the top blocks
-    assert trunks.checked(model, torch.float32, shared=shared)
+    assert losses.trunk_paths(model)["shared_prefix" if shared else "used"]
     assert torch.allclose(plain, cut, atol=1e-5)
     assert torch.allclose(g_plain, g_cut, rtol=1e-4, atol=1e-6)
     assert g_plain.abs().max() > 0

@@ -16,7 +16,7 @@ against the plain forward; a class that differs, or takes no cache, is not share
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,6 +29,8 @@ from workers.ml.data import IGNORE
 _NO_KEEP: set[tuple[type, type]] = set()  # _kind()s that ignore or refuse boolean logits_to_keep
 # (_kind(), compute dtype) -> its shared-prefix forward checked
 _SHARED_PREFIX: dict[tuple[tuple[type, type], torch.dtype], bool] = {}
+# (_kind(), compute dtype, prefix shared) -> its frozen-trunk forward checked (trunk.py)
+_TRUNK: dict[tuple[tuple[type, type], torch.dtype, bool], bool] = {}
 MIN_SHARED = 8  # tokens: a shorter common prefix is not worth a second forward call
 # UNLEARN_SHARED_PREFIX=0 switches the sharing off (benchmarks compare the two)
 SHARE_PREFIX = os.environ.get("UNLEARN_SHARED_PREFIX", "1") != "0"
@@ -125,20 +127,36 @@ def same_logits(shared: torch.Tensor, plain: torch.Tensor, dtype: torch.dtype) -
     )
 
 
-def _can_share(model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor, p: int) -> bool:
-    """Checked once per model class and compute dtype: the shared-prefix logits equal
-    the plain ones (up to that dtype's rounding)."""
-    key = _share_key(model)
-    if key not in _SHARED_PREFIX:
+def _agrees_once(
+    store: dict[Any, bool],
+    key: Any,
+    model: Any,
+    inputs: dict[str, torch.Tensor],
+    keep: torch.Tensor,
+    path: Callable[[], torch.Tensor],
+) -> bool:
+    """Whether `path`'s kept logits equal the plain forward's up to the compute dtype's
+    rounding: checked once per `key` (a model class and dtype), the verdict kept."""
+    if key not in store:
         try:
             with torch.no_grad():
-                shared = _prefix_logits(model, inputs, keep, p)
-                plain = _plain_logits(model, inputs, keep)
-            ok = same_logits(shared, plain, key[1])
-        except (TypeError, ValueError, AttributeError, RuntimeError):
+                ok = same_logits(path(), _plain_logits(model, inputs, keep), _compute_dtype(model))
+        except (TypeError, ValueError, AttributeError, RuntimeError, IndexError):
             ok = False
-        _SHARED_PREFIX[key] = ok
-    return _SHARED_PREFIX[key]
+        store[key] = ok
+    return store[key]
+
+
+def _can_share(model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor, p: int) -> bool:
+    """The shared-prefix logits equal the plain ones (once per class and dtype)."""
+    return _agrees_once(
+        _SHARED_PREFIX,
+        _share_key(model),
+        model,
+        inputs,
+        keep,
+        lambda: _prefix_logits(model, inputs, keep, p),
+    )
 
 
 def _sharing_allowed(model: Any) -> bool:
@@ -176,20 +194,26 @@ def _trunk_agrees(
     keep: torch.Tensor,
     shared: int,
 ) -> bool:
-    """Checked once per model class, compute dtype and whether a prefix is shared:
-    logits from the frozen trunk's kept output equal the plain forward's (up to that
-    dtype's rounding)."""
-    dtype = _compute_dtype(model)
-    ok = trunks.checked(model, dtype, shared > 0)
-    if ok is None:
-        try:
-            with torch.no_grad():
-                cut = trunk.logits(inputs, keep, shared)
-                ok = same_logits(cut, _plain_logits(model, inputs, keep), dtype)
-        except (TypeError, ValueError, AttributeError, RuntimeError, IndexError):
-            ok = False
-        trunks.record_check(model, dtype, shared > 0, ok)
-    return ok
+    """Logits from the frozen trunk's kept output (with the first `shared` tokens run
+    once, or none) equal the plain forward's: once per class, dtype and variant."""
+    return _agrees_once(
+        _TRUNK,
+        (*_share_key(model), shared > 0),
+        model,
+        inputs,
+        keep,
+        lambda: trunk.logits(inputs, keep, shared),
+    )
+
+
+def trunk_paths(model: Any) -> dict[str, bool]:
+    """Which of the frozen trunk's paths this model's class and dtype passed its check
+    with: plain rows, and rows behind a shared prefix."""
+    key = _share_key(model)
+    return {
+        "used": _TRUNK.get((*key, False), False) or _TRUNK.get((*key, True), False),
+        "shared_prefix": _TRUNK.get((*key, True), False),
+    }
 
 
 def kept_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

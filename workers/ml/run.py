@@ -190,7 +190,7 @@ def _run(
             "threads": torch.get_num_threads(),
             "cpu": loading.cpu_description(),
             "shared_prefix": losses.shared_prefix_used(model),
-            "trunk": trunk_record(model, trunk),
+            "trunk": trunk_record(trunk, losses.trunk_paths(model)),
         },
         "durations_s": {
             "load": t_loaded - t0,

@@ -29,7 +29,6 @@ from torch import nn
 CACHE_BUDGET_BYTES = 256 * 2**20
 
 _ACTIVE: dict[int, Trunk] = {}
-_CHECKED: dict[tuple[type, type, torch.dtype, bool], bool] = {}
 
 
 def decoder_of(model: Any) -> Any | None:
@@ -184,28 +183,14 @@ def frozen_trunk(model: Any) -> Iterator[Trunk | None]:
         del _ACTIVE[id(model)]
 
 
-def checked(model: Any, dtype: torch.dtype, shared: bool = False) -> bool | None:
-    """Whether this model class's trunk path (with a shared prefix, or without) was
-    checked against the plain forward and agreed (None: not checked yet)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _CHECKED.get((type(model), type(base), dtype, shared))
-
-
-def record_check(model: Any, dtype: torch.dtype, shared: bool, ok: bool) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    _CHECKED[(type(model), type(base), dtype, shared)] = ok
-
-
-def trunk_record(model: Any, trunk: Trunk | None) -> dict[str, Any] | None:
-    """What the record says: the blocks kept frozen, whether the trunk path was used
-    (its check passed), and how many items it ran and kept."""
+def trunk_record(trunk: Trunk | None, paths: dict[str, bool]) -> dict[str, Any] | None:
+    """What the record says: the blocks kept frozen, which paths passed their check
+    (`losses.trunk_paths`), and how many items the trunk ran and kept."""
     if trunk is None:
         return None
-    dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)
     return {
         "frozen_layers": trunk.start,
-        "used": bool(checked(model, dtype)) or bool(checked(model, dtype, shared=True)),
-        "shared_prefix": bool(checked(model, dtype, shared=True)),
+        **paths,
         "items_computed": trunk.computed,
         "kept_bytes": trunk.bytes,
     }
