@@ -17,15 +17,16 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
 
 from workers.ml import loading, synthetic
-from workers.ml.data import collate, encode_all
+from workers.ml.data import Encoded, collate, encode_all
 from workers.ml.losses import kl_to_reference, mean_nll, sequence_stats
 from workers.ml.memwatch import rss_bytes
-from workers.ml.run import _top_layers
+from workers.ml.run import lora_target_args
 from workers.ml.training import CHECK_BATCH, Datasets, scope_metrics, sequence_logprobs
 from workers.ml.trunk import frozen_trunk
 
@@ -54,7 +55,7 @@ def main() -> None:
     )
     loaded = rss_bytes()
     torch.manual_seed(0)
-    adapted = _top_layers(model, args.lora_layers, "all-linear")
+    adapted = lora_target_args(model, args.lora_layers, "all-linear")
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, **adapted))
     people = synthetic.people(8, seed=7)
     forget = encode_all(tok, synthetic.qa_items(people[0]), 256)
@@ -85,7 +86,7 @@ def main() -> None:
                         trunk.hidden(b["input_ids"], b["attention_mask"])
             what = f"trunk of {trunk.start} blocks, {trunk.computed} items, once"
             print(f"{what:55s} {time.perf_counter() - t:6.2f} s", flush=True)
-        _profile(model, args, f_batch, r_batch, forget, data, pad, check_items)
+        _profile(model, args.repeat, f_batch, r_batch, data, pad, check_items)
     gib = 2**30
     print(
         f"resident memory: {before / gib:.2f} GiB before loading, {loaded / gib:.2f} GiB "
@@ -94,7 +95,18 @@ def main() -> None:
     )
 
 
-def _profile(model, args, f_batch, r_batch, forget, data, pad, check_items) -> None:  # type: ignore[no-untyped-def]
+def _profile(
+    model: Any,
+    repeat: int,
+    f_batch: dict[str, torch.Tensor],
+    r_batch: dict[str, torch.Tensor],
+    data: Datasets,
+    pad: int,
+    check_items: list[Encoded],
+) -> None:
+    """Time each part of a step (mean of `repeat` runs after a warm-up)."""
+    forget = data.forget
+
     def forget_fwd() -> None:
         with torch.no_grad():
             sequence_stats(model, f_batch)
@@ -129,7 +141,7 @@ def _profile(model, args, f_batch, r_batch, forget, data, pad, check_items) -> N
         ),
         (f"... in passes of {len(check_items)}", check_passes(len(check_items))),
     ):
-        print(f"{name:55s} {timed(fn, args.repeat):6.2f} s", flush=True)
+        print(f"{name:55s} {timed(fn, repeat):6.2f} s", flush=True)
 
 
 if __name__ == "__main__":

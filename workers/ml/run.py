@@ -45,12 +45,12 @@ def _wrap_with_lora(model: Any, spec: Any, previous: str | None) -> Any:
         lora_alpha=spec.lora_alpha,
         lora_dropout=0.0,  # dropout would make resumed runs differ
         task_type="CAUSAL_LM",
-        **_top_layers(model, spec.lora_layers, spec.lora_targets),
+        **lora_target_args(model, spec.lora_layers, spec.lora_targets),
     )
     return get_peft_model(model, config)
 
 
-def _top_layers(model: Any, count: int | None, targets: str | list[str]) -> dict[str, Any]:
+def lora_target_args(model: Any, count: int | None, targets: str | list[str]) -> dict[str, Any]:
     """PEFT's target arguments, restricted to the top `count` blocks when given."""
     total = getattr(model.config, "num_hidden_layers", None)
     if count is None or total is None or count >= total:
