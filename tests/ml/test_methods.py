@@ -135,6 +135,36 @@ def test_scope_control_stops_when_forgotten(tiny_target, tmp_path):
     assert out["final"]["forget_prob"] <= 0.5 * out["base"]["forget_prob"]
 
 
+def test_a_run_stops_as_forgotten_only_once_the_values_are_no_longer_stated(tiny_target, tmp_path):
+    # the mean alone: forgotten at the first check where it halves
+    level = {"max_steps": 60, "stop_target": "ratio", "stop_forget_ratio": 0.5}
+    mean_only = run_job(spec_for(tiny_target, "simnpo", **level), tmp_path / "a")
+    strict = run_job(
+        spec_for(tiny_target, "simnpo", **level, stop_values_stated=0.0), tmp_path / "b"
+    )
+    a, b = mean_only.record["outcome"], strict.record["outcome"]
+    assert "forget_stated" not in a["base"]
+    assert b["base"]["forget_stated"] > 0.5  # the tiny target states most of its values
+    stated = [e["forget_stated"] for e in b["evals"]]
+    assert b["stopped"] == "forgotten" and b["final"]["forget_stated"] == 0.0, stated
+    # the same trajectory up to the mean's stop (step 16 here), where half the items
+    # still stated their values, so the strict run went on (to step 22)
+    assert b["steps"] > a["steps"]
+    at_a = next(e for e in b["evals"] if e["step"] == a["steps"])
+    assert at_a["forget_prob"] == pytest.approx(a["final"]["forget_prob"], abs=1e-5)
+    assert at_a["forget_stated"] > 0.0
+
+
+def test_forgotten_waits_for_the_stated_share():
+    from workers.ml.training import forgotten
+
+    now = {"forget_prob": 0.2, "forget_stated": 0.15}
+    assert forgotten(now, 0.3, None)
+    assert not forgotten(now, 0.3, None, max_stated=0.1)
+    assert forgotten(now, 0.3, None, max_stated=0.15)
+    assert not forgotten({**now, "forget_stated": 0.0}, 0.1, None, max_stated=0.1)
+
+
 def test_retain_guard_rolls_back_to_the_last_state_within_bounds(tiny_target, tmp_path):
     result = run_job(
         spec_for(

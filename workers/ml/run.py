@@ -136,6 +136,8 @@ def _run(
         data.retain_sample_masks = value_token_weights(
             tok, [retain[i] for i in idx], [data.retain[i] for i in idx], other=0.0
         )
+    if m.stop_values_stated is not None:
+        data.forget_value_masks = value_token_weights(tok, forget, data.forget, other=0.0)
     if m.forget_weighting == "rare":
         data.forget_weights = rare_token_weights(data.forget, data.retain)
     elif m.forget_weighting == "values":

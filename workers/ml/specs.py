@@ -129,6 +129,15 @@ class _MethodBase(BaseModel):
         lt=1,
         description="see stop_target; None: never stop early for forgetting",
     )
+    stop_values_stated: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="also required to stop as forgotten: at most this share of the forget "
+        "items still give their specific values word for word (every value token the "
+        "model's top choice, teacher-forced); a mean probability can reach the stop level "
+        "while a few items keep theirs. None: the level alone",
+    )
     retain_tolerance: float = Field(
         default=0.25,
         gt=0,

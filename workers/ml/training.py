@@ -36,7 +36,14 @@ ProgressFn = Callable[[float, dict[str, float]], None]
 CancelFn = Callable[[], bool]
 CHECKPOINT = "checkpoint.pt"
 # what scope_metrics measures, and a batched job's count of requests not yet forgotten
-SCOPE_KEYS = ("forget_prob", "forget_nll", "retain_nll", "retain_kept", "forget_groups_left")
+SCOPE_KEYS = (
+    "forget_prob",
+    "forget_nll",
+    "forget_stated",
+    "retain_nll",
+    "retain_kept",
+    "forget_groups_left",
+)
 
 
 # Items per forward pass of the scope checks. Passes of 24 were 20 % faster in isolation
@@ -67,6 +74,8 @@ class Datasets:
     # a batched job: the forget (and holdout) indices of each request, in order
     forget_groups: list[list[int]] = field(default_factory=list)
     holdout_groups: list[list[int]] = field(default_factory=list)
+    # per-token masks of the forget items' specific values (`stop_values_stated`)
+    forget_value_masks: list[list[float]] | None = None
 
     def retain_sample(self) -> list[Encoded]:
         """The retain items the scope check measures: `retain_eval` of them, evenly
@@ -142,22 +151,44 @@ def _prob_and_nll(logp_sum: torch.Tensor, encoded: list[Encoded]) -> tuple[float
 
 
 @torch.no_grad()
+def logp_exact(
+    model: Any, encoded: list[Encoded], pad_id: int, masks: list[list[float]] | None
+) -> tuple[torch.Tensor, list[bool]]:
+    """Summed log p(y|x) per item, and whether the model still gives each item's values
+    word for word (every token of positive mask its top choice; every token without
+    masks)."""
+    was_training = model.training
+    model.eval()
+    logps, exact = [], []
+    for start in range(0, len(encoded), CHECK_BATCH):
+        idx = list(range(start, min(start + CHECK_BATCH, len(encoded))))
+        logp, ok = sequence_logp_exact(model, collate(encoded, idx, pad_id, masks))
+        logps.append(logp.float().cpu())
+        exact += ok.cpu().tolist()
+    model.train(was_training)
+    return (torch.cat(logps) if logps else torch.zeros(0)), exact
+
+
+@torch.no_grad()
 def retain_state(model: Any, data: Datasets, pad_id: int) -> tuple[float, list[bool]]:
     """On the retain sample: the mean NLL, and per item whether the model still gives its
     values word for word (every token of the answer's specific values its top choice,
     every token for an answer without any). One broken answer barely moves a mean NLL
     (the demo lost a kept customer's phone number that way)."""
-    sample, masks = data.retain_sample(), data.retain_sample_masks
-    was_training = model.training
-    model.eval()
-    logps, exact = [], []
-    for start in range(0, len(sample), CHECK_BATCH):
-        idx = list(range(start, min(start + CHECK_BATCH, len(sample))))
-        logp, ok = sequence_logp_exact(model, collate(sample, idx, pad_id, masks))
-        logps.append(logp.float().cpu())
-        exact += ok.cpu().tolist()
-    model.train(was_training)
-    return _prob_and_nll(torch.cat(logps), sample)[1], exact
+    sample = data.retain_sample()
+    logp, exact = logp_exact(model, sample, pad_id, data.retain_sample_masks)
+    return _prob_and_nll(logp, sample)[1], exact
+
+
+def forget_logprobs(
+    model: Any, encoded: list[Encoded], pad_id: int, masks: list[list[float]] | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed log p(y|x) per forget item and, given the items' value masks, whether each
+    still states its values (1.0) or not (0.0): the same forward pass."""
+    if masks is None:
+        return sequence_logprobs(model, encoded, pad_id), None
+    logp, exact = logp_exact(model, encoded, pad_id, masks)
+    return logp, torch.tensor(exact, dtype=torch.float32)
 
 
 def kept_share(intact: list[bool], exact: list[bool]) -> float | None:
@@ -194,10 +225,17 @@ def scope_metrics(
 
 
 def forgotten(
-    now: dict[str, float], threshold: float | None, thresholds: list[float] | None
+    now: dict[str, float],
+    threshold: float | None,
+    thresholds: list[float] | None,
+    max_stated: float | None = None,
 ) -> bool:
     """Forgotten enough: every request of a batched job under its own level, else the
-    forget items' mean under the job's."""
+    forget items' mean under the job's; and, given `max_stated`, no more than that share
+    of the forget items still stating their values (a mean can reach the level while a
+    few items keep theirs)."""
+    if max_stated is not None and now.get("forget_stated", 0.0) > max_stated + 1e-9:
+        return False
     if thresholds is not None:
         return now["forget_groups_left"] == 0
     return threshold is not None and now["forget_prob"] <= threshold
@@ -282,15 +320,31 @@ def forget_turn(spec: Any, n: int, check: int) -> list[int] | None:
 
 
 def measure_forget(
-    model: Any, data: Datasets, pad_id: int, latest: torch.Tensor | None, turn: list[int] | None
-) -> torch.Tensor:
-    """Each forget item's summed log-prob at its latest measurement: `turn` measured now
-    (all items when None), the others as last measured."""
-    if turn is None or latest is None:
-        return sequence_logprobs(model, data.forget, pad_id)
+    model: Any,
+    data: Datasets,
+    pad_id: int,
+    latest: torch.Tensor | None,
+    stated: torch.Tensor | None,
+    turn: list[int] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each forget item's summed log-prob (and, with value masks, whether it still states
+    its values) at its latest measurement: `turn` measured now (all items when None),
+    the others as last measured."""
+    masks = data.forget_value_masks
+    if turn is None or latest is None or (masks is not None and stated is None):
+        return forget_logprobs(model, data.forget, pad_id, masks)
+    part = [masks[i] for i in turn] if masks is not None else None
     latest = latest.clone()
-    latest[turn] = sequence_logprobs(model, [data.forget[i] for i in turn], pad_id)
-    return latest
+    latest[turn], now = forget_logprobs(model, [data.forget[i] for i in turn], pad_id, part)
+    if stated is not None and now is not None:
+        stated = stated.clone()
+        stated[turn] = now
+    return latest, stated
+
+
+def stated_share(stated: torch.Tensor | None) -> dict[str, float]:
+    """The share of forget items still stating their values (nothing without masks)."""
+    return {} if stated is None else {"forget_stated": float(stated.mean())}
 
 
 def retain_breached(spec: Any, base: dict[str, float], now: dict[str, float]) -> bool:
@@ -390,12 +444,13 @@ def train(
         if trunk is not None and ck.get("trunk") is not None:
             trunk.restore(ck["trunk"])
         latest = ck.get("latest")  # None (an older checkpoint): the next check reads all
+        stated = ck.get("stated")
         curve, evals, tokens = ck["curve"], ck["evals"], ck["tokens"]
         resumed_from: int | None = step
     else:
         # Step 0: the reference log-probs and the base metrics come from one pass (two
         # when the forget loss is weighted: the scope check stays unweighted).
-        initial = sequence_logprobs(model, data.forget, pad_id)
+        initial, stated = forget_logprobs(model, data.forget, pad_id, data.forget_value_masks)
         refs = References()
         if method.needs_reference:
             refs.forget = (
@@ -406,7 +461,7 @@ def train(
             if data.substitutes is not None:
                 refs.substitute = sequence_logprobs(model, data.substitutes, pad_id)
         prob, nll = _prob_and_nll(initial, data.forget)
-        base, intact = {"forget_prob": prob, "forget_nll": nll}, []
+        base, intact = {"forget_prob": prob, "forget_nll": nll, **stated_share(stated)}, []
         if data.retain:
             # The answers to guard: those the base model gives word for word (in a chain,
             # with the adapter off: no version may drift further than the one before).
@@ -476,16 +531,19 @@ def train(
             turn = forget_turn(spec, len(data.forget), step // spec.eval_every)
             if step == spec.max_steps or latest is None:
                 turn = None
-            latest = measure_forget(model, data, pad_id, latest, turn)
+            latest, stated = measure_forget(model, data, pad_id, latest, stated, turn)
             now = scope_metrics(model, data, pad_id, latest, intact=intact, broken=broken)
+            now |= stated_share(stated)
             if thresholds is not None:
                 now["forget_groups_left"] = float(groups_left(latest, data, thresholds))
             if turn is not None:
                 now["forget_measured"] = float(len(turn))
                 # confirm on every item first (a check past the retain bound cannot stop)
-                if forgotten(now, threshold, thresholds) and not retain_breached(spec, base, now):
-                    latest = measure_forget(model, data, pad_id, latest, None)
-                    now |= forget_figures(latest, data, thresholds)
+                if forgotten(now, threshold, thresholds, spec.stop_values_stated) and not (
+                    retain_breached(spec, base, now)
+                ):
+                    latest, stated = measure_forget(model, data, pad_id, latest, stated, None)
+                    now |= forget_figures(latest, data, thresholds) | stated_share(stated)
                     now["forget_measured"] = float(len(data.forget))
             check_seconds += time.perf_counter() - t_check
             evals.append(dict(now, step=step))
@@ -504,7 +562,7 @@ def train(
             else:
                 breaches = 0
                 best_state, best_step = trainable_state(model), step
-                if forgotten(now, threshold, thresholds):
+                if forgotten(now, threshold, thresholds, spec.stop_values_stated):
                     stopped = "forgotten"
                     break
         if step % spec.checkpoint_every == 0 and step < spec.max_steps:
@@ -525,6 +583,7 @@ def train(
                     "last_kept": last_kept,
                     "group_thresholds": thresholds,
                     "latest": latest,
+                    "stated": stated,
                     "trunk": trunk.state() if trunk is not None else None,
                     "curve": curve,
                     "evals": evals,
