@@ -257,15 +257,15 @@ METHOD_NAMES = ("ga", "graddiff", "npo", "simnpo", "relabel", "idk", "rmu")
 # measurements on the built-in model (docs/unlearning-defaults.md, docs/audit.md):
 # SimNPO pushing each item to the holdout items' level and no further, its loss on the
 # person's specific values, a KL retain term (alpha 10) half drawn from the neighbours,
-# lr 1e-3 with a check every 4 steps (at 2e-3 the forget items fell from the holdout
-# level to far under it between two checks on unseen people: the erasure then shows),
-# warm-up 5 steps and a linear decay that reaches 0 at step 96 (reaching 0 at step 48
-# slowed the runs' second half: 36 steps to the level instead of 28), a stop that also
-# waits until at most 2 of 20 items still state their values, and a retain guard on
-# 24 items spread over the retain set that tolerates 3 checks of overshoot. LoRA on
-# every block: on the top 12 only (the frozen trunk, `lora_layers`) the job took half
-# the time but the audit failed it on both calibration targets
-# (docs/unlearning-defaults.md, "Fifth round").
+# lr 1e-3 over at most 48 steps with a check every 4 (at 2e-3 the forget items fell
+# from the holdout level to far under it between two checks on unseen people: the
+# erasure then shows; a decay to 0 at step 96 instead of 48 stopped in 28 steps instead
+# of 36 on the calibration targets but rolled the demo assistant's erasure back on
+# broken guarded answers, in round 0 and in its retry), and a retain guard on 24 items
+# spread over the retain set that tolerates 3 checks of overshoot. LoRA on every block:
+# on the top 12 only (the frozen trunk, `lora_layers`) the job took half the time but
+# the audit failed it on both calibration targets (docs/unlearning-defaults.md, "Fifth
+# round").
 DEFAULT_METHOD: dict[str, object] = {
     "name": "simnpo",
     "delta": "holdout",
@@ -276,12 +276,10 @@ DEFAULT_METHOD: dict[str, object] = {
     "retain_focus": 0.5,
     "retain_batch_size": 4,
     "lr": 1e-3,
-    "max_steps": 96,
-    "warmup_ratio": 0.05,
+    "max_steps": 48,
     "eval_every": 4,
     "retain_eval_items": 24,
     "retain_patience": 3,
-    "stop_values_stated": 0.1,
 }
 
 
