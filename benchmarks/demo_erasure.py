@@ -2,11 +2,14 @@
 forgotten customer's facts go, and how many of *every* kept customer's facts survive
 (the demo itself shows only one kept customer).
 
-    .venv/bin/python -m benchmarks.demo_erasure [--set key=value ...]
+    .venv/bin/python -m benchmarks.demo_erasure [--set key=value ...] [--round N] [--audit]
 
 Needs the demo's assistant (`unlearn demo` builds and caches it under var/demo). Forget:
 customer 0's 10 records; retain: the other 11 customers' 110; holdout: synthesized, as
-the pipeline does; method: the default, with `--set` overrides (JSON values).
+the pipeline does; method: the default, with `--set` overrides (JSON values), as the
+pipeline's audit retry `--round` runs it (`workers.pipeline.method_for_round`; 0: as
+asked). `--audit` then audits the adapter as the pipeline does and prints the failed
+criteria, so a demo that failed can be replayed round by round without the service.
 """
 
 from __future__ import annotations
@@ -26,11 +29,15 @@ def main() -> None:
     ap.add_argument("--assistant", default="var/demo/assistant-e6-lr0.0002")
     ap.add_argument("--set", action="append", default=[], help="method override key=value")
     ap.add_argument("--workdir", default="var/bench/demo-erasure")
+    ap.add_argument("--round", type=int, default=0, help="the pipeline's audit retry round")
+    ap.add_argument("--overshot", action="store_true", help="the round before overshot")
+    ap.add_argument("--audit", action="store_true", help="audit the adapter as the pipeline")
     args = ap.parse_args()
 
     from workers.ml.run import run_job
     from workers.ml.specs import DEFAULT_METHOD, JobSpec
     from workers.ml.stand_ins import synthesize
+    from workers.pipeline import method_for_round
 
     folder = Path(args.assistant)
     people = demo.customers(12)
@@ -39,13 +46,12 @@ def main() -> None:
     for kv in args.set:
         key, _, value = kv.partition("=")
         method[key] = json.loads(value)
+    method = method_for_round(method, args.round, overshot=args.overshot)
     forget = demo.customer_items(gone)
+    retain = [i for p in kept for i in demo.customer_items(p)]
+    holdout = synthesize(forget)
     spec = JobSpec(
-        model_source=str(folder),
-        forget=forget,
-        retain=[i for p in kept for i in demo.customer_items(p)],
-        holdout=synthesize(forget),
-        method=method,
+        model_source=str(folder), forget=forget, retain=retain, holdout=holdout, method=method
     )
     questions = [i["prompt"] for p in people for i in demo.customer_items(p, (0,))]
     secrets = [s for p in people for s in synthetic.fact_secrets(p, demo.FACTS)]
@@ -80,6 +86,35 @@ def main() -> None:
         ),
         flush=True,
     )
+    if args.audit:
+        from workers.audit.policy import AuditPolicy
+        from workers.audit.run import AuditInput, audit_adapter
+
+        t = time.perf_counter()
+        audit = audit_adapter(
+            AuditInput(
+                model_source=str(folder),
+                adapter_dir=Path(result.adapter_dir),
+                forget=forget,
+                retain=retain,
+                holdout=holdout,
+                holdout_source="synthesized",
+                policy=AuditPolicy(),
+                max_length=spec.method.max_length,
+            )
+        )
+        verdict = audit["verdict"]
+        print(
+            json.dumps(
+                {
+                    "audit_passed": verdict["passed"],
+                    "audit_s": round(time.perf_counter() - t, 1),
+                    "criteria": {c["name"]: round(c["value"], 3) for c in verdict["criteria"]},
+                    "failed": [c["message"] for c in verdict["failed"]],
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@ scores), for one adapter on a benchmark target, without the audit's generations:
 quick way to see whether a configuration's erasure shows (seconds, not minutes).
 
     .venv/bin/python -m benchmarks.mia_quick ADAPTER_DIR [--seed 7] [--tokens]
+    .venv/bin/python -m benchmarks.mia_quick ADAPTER_DIR --assistant var/demo/assistant-...
+
+`--assistant`: the demo's assistant and its erasure instead (customer 0 against the
+stand-ins the pipeline synthesizes; benchmarks.demo_erasure writes such an adapter).
 
 `--tokens`: also where a low Min-K%++ comes from, on the answers' value tokens (the
 person's dates, numbers, names): their mean log-probability, its 5 % quantile, the
@@ -34,10 +38,19 @@ def main() -> None:
     ap.add_argument("adapter", type=Path)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--tokens", action="store_true", help="the value-token breakdown too")
+    ap.add_argument("--assistant", type=Path, help="the demo's assistant instead of a target")
     args = ap.parse_args()
-    folder, people = target(seed=args.seed)
-    forget = synthetic.qa_items(people[0])
-    holdout = synthetic.holdout_for(people[0])
+    if args.assistant:
+        from service import demo
+        from workers.ml.stand_ins import synthesize
+
+        folder = args.assistant
+        forget = demo.customer_items(demo.customers(12)[0])
+        holdout = synthesize(forget)
+    else:
+        folder, people = target(seed=args.seed)
+        forget = synthetic.qa_items(people[0])
+        holdout = synthetic.holdout_for(people[0])
     a = _Auditor(AuditInput(str(folder), args.adapter, forget, holdout=holdout, device="cpu"))
     sets = {k: _Set.build(a.tok, v, 256) for k, v in (("forget", forget), ("holdout", holdout))}
     for state in ("before", "after"):

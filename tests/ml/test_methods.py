@@ -800,3 +800,68 @@ def test_a_batched_job_measured_in_turns_resumes_bit_for_bit(tiny_target, tmp_pa
     wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert resumed.record["outcome"]["evals"] == full.record["outcome"]["evals"]
+
+
+def test_sequence_stats_entropy_agrees_with_sequence_stats_and_the_full_logits(tiny_target):
+    from workers.ml import losses
+    from workers.ml.data import collate, encode_all
+
+    model, tok = loading.load(loading.resolve(tiny_target), loading.pick_placement("cpu"))
+    enc = encode_all(tok, FORGET[:3], 128)
+    batch = collate(enc, list(range(len(enc))), tok.pad_token_id)
+    with torch.no_grad():
+        total, nll = losses.sequence_stats(model, batch)
+        total_e, nll_e, entropy = losses.sequence_stats_entropy(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(total, total_e, atol=1e-4) and torch.allclose(nll, nll_e, atol=1e-5)
+    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    h = -(lp.exp() * lp).sum(-1)  # [B, T-1]: entropy of the prediction of token t+1
+    mask = batch["labels"][:, 1:] != -100
+    expected = (h * mask).sum(1) / mask.sum(1)
+    assert torch.allclose(entropy, expected, atol=1e-4)
+    assert (entropy > 0).all()
+
+
+def _entropy_spec(target, weight, **overrides):
+    from tests.ml.targets import PEOPLE
+    from workers.ml import synthetic
+
+    method = {"name": "simnpo", "delta": "holdout", "lr": 5e-3, **FAST}
+    return JobSpec(
+        model_source=target,
+        forget=FORGET,
+        retain=RETAIN,
+        holdout=synthetic.holdout_for(PEOPLE[0])[:8],
+        method={**method, "entropy_match": weight, **overrides},
+    )
+
+
+def test_simnpo_entropy_match_moves_the_forget_entropy_towards_the_holdouts(tiny_target, tmp_path):
+    def run(weight, where):
+        return run_job(_entropy_spec(tiny_target, weight), tmp_path / where).record
+
+    plain, matched = run(0.0, "plain"), run(5.0, "matched")
+    assert "holdout_entropy" not in plain["outcome"]["base"]
+    target = matched["outcome"]["base"]["holdout_entropy"]
+    assert target > 0
+    curve = [e["forget_entropy"] for e in matched["outcome"]["curve"]]
+    # the term pulls each item's entropy to the holdout level: the gap shrinks
+    assert abs(curve[-1] - target) < abs(curve[0] - target)
+
+
+def test_a_run_with_entropy_match_resumes_bit_for_bit(tiny_target, tmp_path):
+    spec = _entropy_spec(tiny_target, 5.0, checkpoint_every=2)
+    full = run_job(spec, tmp_path / "full")
+    calls = {"n": 0}
+
+    def cancel_at_step_3() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    with pytest.raises(Canceled):
+        run_job(spec, tmp_path / "cut", should_cancel=cancel_at_step_3)
+    resumed = run_job(spec, tmp_path / "cut")
+    assert resumed.record["outcome"]["resumed_from"] == 2  # the holdout entropy came back
+    wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert resumed.record["outcome"]["curve"] == full.record["outcome"]["curve"]

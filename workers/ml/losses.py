@@ -236,6 +236,18 @@ def kept_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     return _plain_logits(model, inputs, keep), targets
 
 
+def _rows_and_weights(
+    batch: dict[str, torch.Tensor], like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch row of every kept target token [N] and its loss weight [N] (the batch's
+    "weights", else 1), in `kept_logits`' order."""
+    keep = _keep_mask(batch["labels"])
+    rows = keep.nonzero()[:, 0].to(like.device)
+    if "weights" in batch:
+        return rows, batch["weights"][:, 1:][keep[:, :-1]].to(like.device)
+    return rows, torch.ones_like(like)
+
+
 def target_logprobs(
     model: Any, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -243,23 +255,42 @@ def target_logprobs(
     weight [N] (the batch's "weights", else 1)."""
     logits, targets = kept_logits(model, batch)
     logp = -F.cross_entropy(logits.float(), targets, reduction="none")
-    keep = _keep_mask(batch["labels"])
-    rows = keep.nonzero()[:, 0].to(logp.device)
-    if "weights" in batch:
-        weights = batch["weights"][:, 1:][keep[:, :-1]].to(logp.device)
-    else:
-        weights = torch.ones_like(logp)
-    return logp, rows, weights
+    return (logp, *_rows_and_weights(batch, logp))
 
 
 def sequence_stats(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(Weighted) summed log p(y|x) and mean NLL over the target tokens, per example."""
     logp, rows, weights = target_logprobs(model, batch)
-    n = batch["labels"].shape[0]
+    return _per_example(logp, rows, weights, batch["labels"].shape[0])
+
+
+def _per_example(
+    logp: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: the weighted sum of `logp` and minus its weighted mean."""
     zeros = torch.zeros(n, device=logp.device, dtype=logp.dtype)
     total = zeros.index_add(0, rows, logp * weights)
     count = zeros.index_add(0, rows, weights).clamp(min=1e-6)
     return total, -total / count
+
+
+def sequence_stats_entropy(
+    model: Any, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sequence_stats`, and each example's mean entropy of the model's next-token
+    distribution over its target tokens (unweighted), from the same forward pass.
+
+    The entropy is what Min-K%++ normalises by: a log-probability counts as low only
+    against how sure the model is there (docs/engine.md, "Calibrated forgetting")."""
+    logits, targets = kept_logits(model, batch)
+    lp = F.log_softmax(logits.float(), dim=-1)
+    logp = lp.gather(1, targets[:, None]).squeeze(1)
+    entropy = -(lp.exp() * lp).sum(dim=-1)
+    rows, weights = _rows_and_weights(batch, logp)
+    n = batch["labels"].shape[0]
+    total, nll = _per_example(logp, rows, weights, n)
+    _, mean_entropy = _per_example(-entropy, rows, torch.ones_like(logp), n)  # -(sum -H)/count
+    return total, nll, mean_entropy
 
 
 def sequence_logp_exact(

@@ -208,6 +208,13 @@ class SimNPO(_MethodBase):
     )
     alpha: float = Field(default=1.0, ge=0)
     retain_loss: Literal["nll", "kl"] = "nll"
+    entropy_match: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of (H - H_holdout)^2, H an item's mean next-token entropy over "
+        "its answer: the forgotten items end as sure or unsure as never-seen ones "
+        "(Min-K%++ tells them apart otherwise); needs holdout items, 0: off",
+    )
 
 
 class Relabel(_MethodBase):

@@ -29,7 +29,7 @@ import torch
 
 from workers.ml import trunk as trunks
 from workers.ml.data import BatchOrder, Encoded, collate
-from workers.ml.losses import sequence_logp_exact, sequence_stats
+from workers.ml.losses import sequence_logp_exact, sequence_stats, sequence_stats_entropy
 from workers.ml.methods.base import Method, References
 
 ProgressFn = Callable[[float, dict[str, float]], None]
@@ -137,6 +137,21 @@ def sequence_logprobs(
         idx = list(range(start, min(start + batch_size, len(encoded))))
         logp, _ = sequence_stats(model, collate(encoded, idx, pad_id, weights))
         out.append(logp.float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def mean_entropies(
+    model: Any, encoded: list[Encoded], pad_id: int, batch_size: int = CHECK_BATCH
+) -> torch.Tensor:
+    """Each example's mean next-token entropy over its target tokens."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        idx = list(range(start, min(start + batch_size, len(encoded))))
+        out.append(sequence_stats_entropy(model, collate(encoded, idx, pad_id))[2].float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -478,6 +493,10 @@ def train(
         if holdout_logp is not None:
             base["holdout_prob"], base["holdout_nll"] = _prob_and_nll(holdout_logp, data.holdout)
             refs.extra["holdout_nll"] = base["holdout_nll"]
+            if getattr(spec, "entropy_match", 0.0) > 0:
+                # a second pass, only for this opt-in term (docs/engine.md)
+                entropy = mean_entropies(model, data.holdout, pad_id).mean().item()
+                base["holdout_entropy"] = refs.extra["holdout_entropy"] = entropy
         thresholds = group_thresholds(spec, data, initial, holdout_logp)
         latest = initial
         if thresholds is not None:

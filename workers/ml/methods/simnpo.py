@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from workers.ml.losses import sequence_stats
+from workers.ml.losses import sequence_stats, sequence_stats_entropy
 from workers.ml.methods.base import Batch, Method, References, register
 from workers.ml.specs import SimNPO
 
@@ -32,8 +32,18 @@ class SimpleNPO(Method):
         substitute: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.spec
-        _, nll = sequence_stats(model, forget)  # mean NLL per example = -(log p)/|y|
+        target_entropy = refs.extra.get("holdout_entropy") if s.entropy_match > 0 else None
+        if target_entropy is None:
+            _, nll = sequence_stats(model, forget)  # mean NLL per example = -(log p)/|y|
+        else:
+            _, nll, entropy = sequence_stats_entropy(model, forget)
         delta = refs.extra.get("holdout_nll", 0.0) if s.delta == "holdout" else s.delta
         forget_term = -(2.0 / s.beta) * F.logsigmoid(s.beta * (nll - delta)).mean()
         logs = {"forget_loss": forget_term.item(), "forget_nll": nll.mean().item()}
+        if target_entropy is not None:
+            # as sure (or unsure) about the person as about people never seen
+            calibration = ((entropy - target_entropy) ** 2).mean()
+            forget_term = forget_term + s.entropy_match * calibration
+            logs["forget_entropy"] = entropy.mean().item()
+            logs["forget_loss"] = forget_term.item()
         return self.with_retain(model, retain, forget_term, logs)
