@@ -165,6 +165,15 @@ def test_forgotten_waits_for_the_stated_share():
     assert not forgotten({**now, "forget_stated": 0.0}, 0.1, None, max_stated=0.1)
 
 
+def test_two_of_twenty_stated_is_within_a_bound_of_a_tenth():
+    from workers.ml.training import forgotten, stated_share
+
+    stated = torch.tensor([1.0] * 2 + [0.0] * 18)  # as measure_forget keeps it: float32
+    now = {"forget_prob": 0.2, **stated_share(stated)}
+    assert forgotten(now, 0.3, None, max_stated=0.1)
+    assert not forgotten(now, 0.3, None, max_stated=0.05)
+
+
 def test_retain_guard_rolls_back_to_the_last_state_within_bounds(tiny_target, tmp_path):
     result = run_job(
         spec_for(

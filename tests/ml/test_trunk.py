@@ -82,7 +82,12 @@ def test_an_adapter_on_every_block_or_a_gpt2_has_no_trunk(tmp_path, tiny_target)
 
 
 def test_a_top_block_job_matches_the_same_job_without_the_trunk(tiny_target, tmp_path, monkeypatch):
-    spec = spec_for(tiny_target, "npo", max_steps=6, lora_layers=1)
+    # float32: where the CPU has bfloat16 the job computes in it, and the two paths then
+    # differ by 16-bit rounding from step 1, which AdamW amplifies on the near-zero
+    # gradients of a fresh LoRA B (measured on an AVX512-BF16 EPYC: up to 50 % apart)
+    spec = spec_for(tiny_target, "npo", max_steps=6, lora_layers=1).model_copy(
+        update={"dtype": "float32"}
+    )
     cut = run_job(spec, tmp_path / "cut")
     assert cut.record["environment"]["trunk"]["frozen_layers"] == 1
     assert cut.record["environment"]["trunk"]["used"] is True

@@ -272,7 +272,11 @@ METHOD_NAMES = ("ga", "graddiff", "npo", "simnpo", "relabel", "idk", "rmu")
 # spread over the retain set that tolerates 3 checks of overshoot. LoRA on every block:
 # on the top 12 only (the frozen trunk, `lora_layers`) the job took half the time but
 # the audit failed it on both calibration targets (docs/unlearning-defaults.md, "Fifth
-# round").
+# round"). Seventh round: the forget items' next-token entropy pulled to the never-seen
+# items' (weight 0.2; the demo assistant, which is confidently wrong about customers it
+# never saw, failed the audit's Min-K%++ test high without it on two CPUs), and the
+# stop waiting until at most 1 of 20 forget items still states its values (with the
+# entropy term alone one set of people stopped with 2 of 20 and failed the value leak).
 DEFAULT_METHOD: dict[str, object] = {
     "name": "simnpo",
     "delta": "holdout",
@@ -287,6 +291,8 @@ DEFAULT_METHOD: dict[str, object] = {
     "eval_every": 4,
     "retain_eval_items": 24,
     "retain_patience": 3,
+    "entropy_match": 0.2,
+    "stop_values_stated": 0.05,
 }
 
 
