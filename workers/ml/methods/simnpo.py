@@ -3,7 +3,10 @@
 
 Its push on an item fades as the item's mean NLL passes delta; `delta="holdout"` sets
 delta to the holdout items' mean NLL, so forget items are pushed to the level of data
-the model never saw and no further (over-unlearning is detectable too)."""
+the model never saw and no further (over-unlearning is detectable too).
+`entropy_match` adds entropy_match * mean (H_i - H_holdout)^2, H an item's mean
+next-token entropy: the items end as sure, or unsure, as never-seen ones
+(docs/engine.md, "Calibrated forgetting")."""
 
 from __future__ import annotations
 
