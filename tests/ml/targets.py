@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.ml import tiny
@@ -35,3 +36,14 @@ TINY_AUDIT_POLICY = {"max_mia_deviation": 0.5}
 # rolls the run back to step 0 and nothing is forgotten). Tests that unlearn it end to
 # end switch the answer guard off; test_methods tests the guard itself on this target.
 TINY_ANSWER_GUARD_OFF = {"retain_answers_tolerance": None}
+
+
+def cancel_after(steps: int) -> Callable[[], bool]:
+    """A `should_cancel` that lets `steps` steps run (it is asked before each one)."""
+    calls = {"n": 0}
+
+    def should_cancel() -> bool:
+        calls["n"] += 1
+        return calls["n"] > steps
+
+    return should_cancel

@@ -13,7 +13,7 @@ from peft import PeftModel
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from tests.ml.targets import FORGET, FORGET_B, RETAIN
+from tests.ml.targets import FORGET, FORGET_B, RETAIN, cancel_after
 from workers.ml import loading, methods, specs
 from workers.ml.run import run_job
 from workers.ml.specs import JobSpec
@@ -85,14 +85,8 @@ def test_same_seed_same_adapter(tiny_target, tmp_path):
 def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_target, tmp_path):
     full = run_job(spec_for(tiny_target, "npo"), tmp_path / "full")
 
-    calls = {"n": 0}
-
-    def cancel_at_step_13() -> bool:
-        calls["n"] += 1
-        return calls["n"] > 13  # checked before each step: steps 1..13 run
-
     with pytest.raises(Canceled):
-        run_job(spec_for(tiny_target, "npo"), tmp_path / "cut", should_cancel=cancel_at_step_13)
+        run_job(spec_for(tiny_target, "npo"), tmp_path / "cut", should_cancel=cancel_after(13))
     assert not (tmp_path / "cut" / "adapter").exists()  # nothing published when canceled
     resumed = run_job(spec_for(tiny_target, "npo"), tmp_path / "cut")
     assert resumed.record["outcome"]["resumed_from"] == 10  # the last checkpoint
@@ -647,15 +641,10 @@ def test_a_repairing_run_resumes_bit_for_bit(tiny_target, tmp_path):
     full = run_job(spec_for(tiny_target, "ga", **REPAIR), tmp_path / "full")
     evals = full.record["outcome"]["evals"]
     assert any(e.get("retain_kept", 1.0) < 1.0 for e in evals)  # the repair did start
-    calls = {"n": 0}
-
-    def cancel_at_step_9() -> bool:
-        calls["n"] += 1
-        return calls["n"] > 9
 
     with pytest.raises(Canceled):
         run_job(
-            spec_for(tiny_target, "ga", **REPAIR), tmp_path / "cut", should_cancel=cancel_at_step_9
+            spec_for(tiny_target, "ga", **REPAIR), tmp_path / "cut", should_cancel=cancel_after(9)
         )
     resumed = run_job(spec_for(tiny_target, "ga", **REPAIR), tmp_path / "cut")
     assert resumed.record["outcome"]["resumed_from"] == 8
@@ -796,14 +785,9 @@ def test_a_batched_job_measured_in_turns_resumes_bit_for_bit(tiny_target, tmp_pa
         )
 
     full = run_job(spec(), tmp_path / "full")
-    calls = {"n": 0}
-
-    def cancel_at_step_13() -> bool:
-        calls["n"] += 1
-        return calls["n"] > 13
 
     with pytest.raises(Canceled):
-        run_job(spec(), tmp_path / "cut", should_cancel=cancel_at_step_13)
+        run_job(spec(), tmp_path / "cut", should_cancel=cancel_after(13))
     resumed = run_job(spec(), tmp_path / "cut")
     assert resumed.record["outcome"]["resumed_from"] == 10
     wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
@@ -861,14 +845,9 @@ def test_simnpo_entropy_match_moves_the_forget_entropy_towards_the_holdouts(tiny
 def test_a_run_with_entropy_match_resumes_bit_for_bit(tiny_target, tmp_path):
     spec = _entropy_spec(tiny_target, 5.0, checkpoint_every=2)
     full = run_job(spec, tmp_path / "full")
-    calls = {"n": 0}
-
-    def cancel_at_step_3() -> bool:
-        calls["n"] += 1
-        return calls["n"] > 3
 
     with pytest.raises(Canceled):
-        run_job(spec, tmp_path / "cut", should_cancel=cancel_at_step_3)
+        run_job(spec, tmp_path / "cut", should_cancel=cancel_after(3))
     resumed = run_job(spec, tmp_path / "cut")
     assert resumed.record["outcome"]["resumed_from"] == 2  # the holdout entropy came back
     wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)

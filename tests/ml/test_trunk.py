@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from tests.ml.targets import FORGET, RETAIN
+from tests.ml.targets import FORGET, RETAIN, cancel_after
 from tests.ml.test_methods import SYSTEM, _adapter, spec_for
 from workers.ml import loading, losses, synthetic
 from workers.ml import trunk as trunks
@@ -121,14 +121,9 @@ def test_a_top_block_adapter_loads_with_plain_peft_and_a_chain_keeps_its_trunk(
 def test_a_top_block_job_resumes_bit_for_bit(tiny_target, tmp_path):
     spec = spec_for(tiny_target, "npo", lora_layers=1)
     full = run_job(spec, tmp_path / "full")
-    calls = {"n": 0}
-
-    def cancel_at_step_13() -> bool:
-        calls["n"] += 1
-        return calls["n"] > 13
 
     with pytest.raises(Canceled):
-        run_job(spec, tmp_path / "cut", should_cancel=cancel_at_step_13)
+        run_job(spec, tmp_path / "cut", should_cancel=cancel_after(13))
     resumed = run_job(spec, tmp_path / "cut")
     assert resumed.record["outcome"]["resumed_from"] == 10
     wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)

@@ -31,6 +31,9 @@ class Method:
     name: ClassVar[str]
     spec_type: ClassVar[type[BaseModel]]
     needs_reference: ClassVar[bool] = False
+    # whether step 0 also measures the holdout items' mean next-token entropy
+    # (refs.extra["holdout_entropy"])
+    needs_holdout_entropy: bool = False
     # The loss is `with_retain`'s: the loop may then back-propagate the forget part and
     # the retain part one after the other (the same gradient, half the activations alive).
     separable_retain: ClassVar[bool] = False

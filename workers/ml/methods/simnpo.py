@@ -26,6 +26,10 @@ class SimpleNPO(Method):
     separable_retain = True
     spec_type = SimNPO
 
+    @property
+    def needs_holdout_entropy(self) -> bool:  # type: ignore[override]
+        return bool(self.spec.entropy_match > 0)
+
     def loss(
         self,
         model: Any,
@@ -35,7 +39,7 @@ class SimpleNPO(Method):
         substitute: Batch | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.spec
-        target_entropy = refs.extra.get("holdout_entropy") if s.entropy_match > 0 else None
+        target_entropy = refs.extra.get("holdout_entropy") if self.needs_holdout_entropy else None
         if target_entropy is None:
             _, nll = sequence_stats(model, forget)  # mean NLL per example = -(log p)/|y|
         else:
