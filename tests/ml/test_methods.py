@@ -652,6 +652,57 @@ def test_a_repairing_run_resumes_bit_for_bit(tiny_target, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+# simnpo on the tiny target: a guarded answer breaks at step 2 and is given again only
+# at step 10, while the forget side reaches 0.9 x its start by step 4 (measured)
+PAUSE = {
+    **REPAIR,
+    "lr": 1e-2,
+    "max_steps": 20,
+    "retain_patience": 6,
+    "stop_target": "ratio",
+    "stop_forget_ratio": 0.9,
+}
+
+
+def test_a_run_at_its_forget_level_while_repairing_pauses_the_forget_push(tiny_target, tmp_path):
+    """Once a check finds the forget items at their level and the retain guard breached,
+    the steps up to the next check train on the retain loss alone: the run stops near the
+    level, where pushing on through the repair ends far under it (the overshoot)."""
+    runs = {
+        pause: run_job(
+            spec_for(tiny_target, "simnpo", **PAUSE, repair_pauses_forget=pause),
+            tmp_path / str(pause),
+        ).record["outcome"]
+        for pause in (True, False)
+    }
+    on, off = runs[True], runs[False]
+    level = 0.9 * on["base"]["forget_prob"]
+    assert on["stopped"] == off["stopped"] == "forgotten"
+    assert off["final"]["forget_prob"] < 0.5 * level  # the scenario does overshoot
+    assert 0.5 * level < on["final"]["forget_prob"] <= level, on["evals"]
+    paused = [c for c in on["curve"] if c.get("forget_paused")]
+    assert paused and all("forget_loss" not in c for c in paused)
+    # only after a check that found both: at the level, and past the retain bound
+    first = min(c["step"] for c in paused)
+    check = max((e for e in on["evals"] if e["step"] < first), key=lambda e: e["step"])
+    assert check["forget_prob"] <= level and check["retain_kept"] < 1.0
+    assert all("forget_paused" not in c for c in off["curve"])
+
+
+def test_a_run_resumed_while_the_forget_push_is_paused_matches_the_uninterrupted_one(
+    tiny_target, tmp_path
+):
+    spec = spec_for(tiny_target, "simnpo", **PAUSE)
+    full = run_job(spec, tmp_path / "full")
+    assert any(c["step"] == 9 and c.get("forget_paused") for c in full.record["outcome"]["curve"])
+    with pytest.raises(Canceled):  # the checkpoint at step 8 falls inside the pause
+        run_job(spec, tmp_path / "cut", should_cancel=cancel_after(9))
+    resumed = run_job(spec, tmp_path / "cut")
+    assert resumed.record["outcome"]["resumed_from"] == 8
+    wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_only_a_check_that_repairs_answers_spares_the_patience():
     from workers.ml.training import repairing
 

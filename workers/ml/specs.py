@@ -99,6 +99,14 @@ class _MethodBase(BaseModel):
         "neighbours, so the retain loss works on exactly what broke while the guard's "
         "patience lasts; without retain_focus every retain batch gets one of them",
     )
+    repair_pauses_forget: bool = Field(
+        default=True,
+        description="with retain_repair, a scope check that finds the forget items at their "
+        "stop level while the retain guard is breached pauses the forget push: the steps "
+        "up to the next check train on the retain loss alone, so the forget side does not "
+        "fall far past its level while a broken answer is repaired (methods whose loss "
+        "separates into a forget and a retain part: ga, graddiff, npo, simnpo)",
+    )
     eval_every: int = Field(default=4, ge=1, description="steps between scope checks")
     forget_eval_items: int | None = Field(
         default=40,

@@ -410,6 +410,23 @@ def repairing(spec: Any, kept: float | None, previous: float | None) -> bool:
     return kept > previous + 1e-9
 
 
+def pauses_forget(
+    spec: Any,
+    method: Method,
+    now: dict[str, float],
+    threshold: float | None,
+    thresholds: list[float] | None,
+) -> bool:
+    """Whether the steps up to the next check train on the retain loss alone: the check
+    found the retain guard breached (the caller's condition) and the forget items already
+    at their stop level. Pushing them on while an answer is repaired overshot the level
+    (docs/engine.md, "Scope control"). The level alone decides: values still stated are
+    for the push to resume on once the repair is done."""
+    if not (spec.retain_repair and spec.repair_pauses_forget and method.separable_retain):
+        return False
+    return forgotten(now, threshold, thresholds)
+
+
 def _schedule(spec: Any) -> Callable[[int], float]:
     warmup = max(1, math.ceil(spec.warmup_ratio * spec.max_steps))
 
@@ -459,6 +476,7 @@ def train(
         best_state, best_step = ck["best_state"], ck["best_step"]
         breaches, intact = ck.get("breaches", 0), ck.get("intact", [])
         data.repair, last_kept = ck.get("repair", []), ck.get("last_kept")
+        paused = ck.get("forget_paused", False)
         thresholds = ck.get("group_thresholds")
         if trunk is not None and ck.get("trunk") is not None:
             trunk.restore(ck["trunk"])
@@ -508,7 +526,7 @@ def train(
         if thresholds is not None:
             base["forget_groups_left"] = float(groups_left(initial, data, thresholds))
         step, best_step, best_state, breaches = 0, 0, trainable_state(model), 0
-        last_kept = None
+        last_kept, paused = None, False
         curve, evals, tokens, resumed_from = [], [dict(base, step=0)], 0, None
     check_seconds = time.perf_counter() - start
     retain_order, focus_order = retain_orders(spec, data, retain_bs)
@@ -530,6 +548,12 @@ def train(
                 pool = focus_pool(data)
                 r_idx = [pool[j] for j in focus_order.batch(k)] + r_idx
             retain = collate(data.retain, r_idx, pad_id) if r_idx else None
+            if paused and retain is not None:  # repairing, the forget side at its level
+                loss, parts = method.repair_backward(model, retain, scale=1 / spec.grad_accum)
+                tokens += int(retain["attention_mask"].sum())
+                for key, value in {"loss": loss.item(), **parts}.items():
+                    logs[key] = logs.get(key, 0.0) + value / spec.grad_accum
+                continue
             substitute = None
             if data.substitutes is not None:  # each item's substitutes in turn
                 rows = [i * data.per_item + k % data.per_item for i in f_idx]
@@ -549,6 +573,8 @@ def train(
         curve.append(
             {"step": step, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), **logs}
         )
+        if paused:
+            curve[-1]["forget_paused"] = 1.0
 
         if step % spec.eval_every == 0 or step == spec.max_steps:
             t_check = time.perf_counter()
@@ -584,8 +610,9 @@ def train(
                     load_trainable(model, best_state)  # the last state within bounds
                     stopped = "retain_guard"
                     break
+                paused = pauses_forget(spec, method, now, threshold, thresholds)
             else:
-                breaches = 0
+                breaches, paused = 0, False
                 best_state, best_step = trainable_state(model), step
                 if forgotten(now, threshold, thresholds, spec.stop_values_stated):
                     stopped = "forgotten"
@@ -606,6 +633,7 @@ def train(
                     "intact": intact,
                     "repair": data.repair,
                     "last_kept": last_kept,
+                    "forget_paused": paused,
                     "group_thresholds": thresholds,
                     "latest": latest,
                     "stated": stated,

@@ -98,6 +98,15 @@ class Method:
             "retain_loss": keep.item(),
         }
 
+    def repair_backward(
+        self, model: Any, retain: Batch, scale: float = 1.0
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Back-propagate `scale` x the retain part alone (alpha x the retain loss): a
+        step that repairs without pushing the forget items any further."""
+        keep = self.retain_term(model, retain)
+        (scale * self.spec.alpha * keep).backward()
+        return self.spec.alpha * keep.detach(), {"retain_loss": keep.item()}
+
 
 REGISTRY: dict[str, type[Method]] = {}
 
