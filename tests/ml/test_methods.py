@@ -653,7 +653,8 @@ def test_a_repairing_run_resumes_bit_for_bit(tiny_target, tmp_path):
 
 
 # simnpo on the tiny target: a guarded answer breaks at step 2 and is given again only
-# at step 10, while the forget side reaches 0.9 x its start by step 4 (measured)
+# at step 10, while the forget side reaches 0.9 x its start by step 4 (measured: it then
+# stops at 0.69 against a level of 0.77 with the pause, at 0.16 without)
 PAUSE = {
     **REPAIR,
     "lr": 1e-2,

@@ -11,6 +11,8 @@ if the retain NLL rises more than `retain_tolerance` above the base model's (ada
 off: a chain of versions may not drift further with every version) for more than
 `retain_patience` consecutive checks, restore the last checked state that was within
 bounds and stop ("retain_guard"); a run that ends out of bounds also ends on that state.
+A check past the retain bound that finds the forget side already at its level pauses the
+forget push until the next check (`repair_pauses_forget`): those steps only repair.
 The retain NLL is measured on `retain_eval` items spread over the whole retain set.
 Over-unlearning is a failure too, so the run never simply trains to the end regardless.
 """
