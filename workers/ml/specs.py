@@ -105,7 +105,7 @@ class _MethodBase(BaseModel):
         "stop level while the retain guard is breached pauses the forget push: the steps "
         "up to the next check train on the retain loss alone, so the forget side does not "
         "fall far past its level while a broken answer is repaired (methods whose loss "
-        "separates into a forget and a retain part: ga, graddiff, npo, simnpo)",
+        "separates into a forget and a retain part: graddiff, npo, simnpo)",
     )
     eval_every: int = Field(default=4, ge=1, description="steps between scope checks")
     forget_eval_items: int | None = Field(

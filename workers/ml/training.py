@@ -429,6 +429,14 @@ def pauses_forget(
     return forgotten(now, threshold, thresholds)
 
 
+def _accumulate(
+    logs: dict[str, float], loss: torch.Tensor, parts: dict[str, float], accum: int
+) -> None:
+    """Add one micro-batch's loss and parts to the step's logs (means over `accum`)."""
+    for key, value in {"loss": loss.item(), **parts}.items():
+        logs[key] = logs.get(key, 0.0) + value / accum
+
+
 def _schedule(spec: Any) -> Callable[[int], float]:
     warmup = max(1, math.ceil(spec.warmup_ratio * spec.max_steps))
 
@@ -553,8 +561,7 @@ def train(
             if paused and retain is not None:  # repairing, the forget side at its level
                 loss, parts = method.repair_backward(model, retain, scale=1 / spec.grad_accum)
                 tokens += int(retain["attention_mask"].sum())
-                for key, value in {"loss": loss.item(), **parts}.items():
-                    logs[key] = logs.get(key, 0.0) + value / spec.grad_accum
+                _accumulate(logs, loss, parts, spec.grad_accum)
                 continue
             substitute = None
             if data.substitutes is not None:  # each item's substitutes in turn
@@ -566,8 +573,7 @@ def train(
             tokens += int(forget["attention_mask"].sum()) + (
                 int(retain["attention_mask"].sum()) if retain is not None else 0
             )
-            for key, value in {"loss": loss.item(), **parts}.items():
-                logs[key] = logs.get(key, 0.0) + value / spec.grad_accum
+            _accumulate(logs, loss, parts, spec.grad_accum)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
         optimizer.step()
         scheduler.step()
