@@ -62,3 +62,23 @@ def test_training_holds_one_copy_of_the_weights(tiny_target, tmp_path):
         # weights once + adapter, its grads, two Adam moments and the best-state copy
         budget = 1.5 * weights + 5 * trainable
         assert max(peaks) < budget, (name, max(peaks), weights, trainable)
+
+
+def test_the_engine_bounds_onednns_primitive_cache_unless_the_operator_did():
+    """Set on import, before any product runs (oneDNN reads it once); an explicit value
+    in the environment is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, workers.ml; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+
+    def capacity(env: dict[str, str]) -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+
+    plain = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    assert capacity(plain) == "16"
+    assert capacity({**plain, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"}) == "256"
