@@ -551,18 +551,18 @@ def train(
         logs: dict[str, float] = {}
         for micro in range(spec.grad_accum):
             k = step * spec.grad_accum + micro
-            f_idx = forget_order.batch(k)
-            forget = collate(data.forget, f_idx, pad_id, data.forget_weights)
             r_idx = retain_order.batch(k) if retain_order else []
             if focus_order is not None:
                 pool = focus_pool(data)
                 r_idx = [pool[j] for j in focus_order.batch(k)] + r_idx
             retain = collate(data.retain, r_idx, pad_id) if r_idx else None
             if paused and retain is not None:  # repairing, the forget side at its level
-                loss, parts = method.repair_backward(model, retain, scale=1 / spec.grad_accum)
+                loss, parts = method.retain_backward(model, retain, scale=1 / spec.grad_accum)
                 tokens += int(retain["attention_mask"].sum())
                 _accumulate(logs, loss, parts, spec.grad_accum)
                 continue
+            f_idx = forget_order.batch(k)  # only a step that pushes the forget side reads it
+            forget = collate(data.forget, f_idx, pad_id, data.forget_weights)
             substitute = None
             if data.substitutes is not None:  # each item's substitutes in turn
                 rows = [i * data.per_item + k % data.per_item for i in f_idx]

@@ -91,18 +91,15 @@ class Method:
             return loss.detach(), parts
         loss, parts = self.loss(model, forget, None, refs, substitute)
         (scale * loss).backward()
-        keep = self.retain_term(model, retain)
-        (scale * self.spec.alpha * keep).backward()
-        return loss.detach() + self.spec.alpha * keep.detach(), {
-            **parts,
-            "retain_loss": keep.item(),
-        }
+        kept, kept_parts = self.retain_backward(model, retain, scale)
+        return loss.detach() + kept, {**parts, **kept_parts}
 
-    def repair_backward(
+    def retain_backward(
         self, model: Any, retain: Batch, scale: float = 1.0
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Back-propagate `scale` x the retain part alone (alpha x the retain loss): a
-        step that repairs without pushing the forget items any further."""
+        """Back-propagate `scale` x the retain part alone (alpha x the retain loss): the
+        second pass of a separable loss, and a paused step's whole work (it repairs
+        without pushing the forget items any further)."""
         keep = self.retain_term(model, retain)
         (scale * self.spec.alpha * keep).backward()
         return self.spec.alpha * keep.detach(), {"retain_loss": keep.item()}
