@@ -1,9 +1,11 @@
-"""Resident memory over one short unlearning job on the 8-person target (seed 7): the
-job's peak growth, when it happens, and the resident set after each step, so a peak at
-load time can be told from one that builds up while training.
+"""Resident memory over one unlearning job on an 8-person target: the job's peak growth,
+when it happens, and the resident set after each step, so a peak at load time can be
+told from one that builds up while training.
 
-    .venv/bin/python -m benchmarks.job_memory [--dtype bfloat16] [--steps 8]
+    .venv/bin/python -m benchmarks.job_memory [--dtype bfloat16] [--steps 8] [--seed 7]
         [--set gradient_checkpointing=true ...]
+
+`--steps 48` runs the default method's whole job (it stops when forgotten).
 
 Run each configuration in a fresh process (the allocator keeps what an earlier job
 freed); glibc's own settings, such as MALLOC_MMAP_THRESHOLD_=65536, go in the
@@ -29,10 +31,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", help="float32 or bfloat16 (default: the engine's pick)")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=7, help="the target's people")
     ap.add_argument("--set", nargs="*", default=[], help="method settings, key=json-value")
     args = ap.parse_args()
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    folder, people = target(seed=7)
+    folder, people = target(seed=args.seed)
     spec = JobSpec(
         model_source=str(folder),
         forget=synthetic.qa_items(people[0]),
@@ -49,8 +52,10 @@ def main() -> None:
     rec = res.record
     print(
         f"{rec['environment']['dtype']} {overrides or 'defaults'}: training "
-        f"{rec['durations_s']['train']:.1f} s, job peak {rec['job_peak_rss_bytes'] / GIB:.2f} "
-        f"GiB (at {mem.peak_at:.1f} s; load took {rec['durations_s']['load']:.1f} s)"
+        f"{rec['durations_s']['train']:.1f} s, job peak {rec['job_peak_rss_bytes'] / GIB:.3f} "
+        f"GiB (at {mem.peak_at:.1f} s; load took {rec['durations_s']['load']:.1f} s); "
+        f"{rec['outcome']['steps']} steps, stopped {rec['outcome']['stopped']}, forget "
+        f"probability {rec['outcome']['final']['forget_prob']:.4f}"
     )
     print("after each step:", " ".join(f"{(rss - mem.start) / GIB:.2f}" for rss in steps))
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from tests.ml.targets import FORGET, RETAIN
@@ -64,21 +68,133 @@ def test_training_holds_one_copy_of_the_weights(tiny_target, tmp_path):
         assert max(peaks) < budget, (name, max(peaks), weights, trainable)
 
 
-def test_the_engine_bounds_onednns_primitive_cache_unless_the_operator_did():
-    """Set on import, before any product runs (oneDNN reads it once); an explicit value
-    in the environment is left alone."""
-    import os
-    import subprocess
-    import sys
+@pytest.mark.parametrize(
+    ("variable", "engine_value"),
+    [("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16"), ("LRU_CACHE_CAPACITY", "64")],
+)
+def test_the_engine_bounds_the_kernel_caches_unless_the_operator_did(variable, engine_value):
+    """Set on import, before any product runs (oneDNN and ideep read them once); an
+    explicit value in the environment is left alone."""
+    code = f"import os, workers.ml; print(os.environ['{variable}'])"
+    plain = {k: v for k, v in os.environ.items() if k != variable}
+    assert _python(code, plain) == engine_value
+    assert _python(code, {**plain, variable: "256"}) == "256"
 
-    code = "import os, workers.ml; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
 
-    def capacity(env: dict[str, str]) -> str:
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+def _python(code: str, env: dict[str, str]) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
+def test_the_heap_threshold_is_set_unless_the_operator_set_one_or_switched_tuning_off():
+    code = "from workers.ml import memwatch; print(memwatch.tune_heap())"
+    plain = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MALLOC_MMAP_THRESHOLD_", "UNLEARN_HEAP_TUNING")
+    }
+    glibc = _python("from workers.ml import memwatch; print(memwatch._LIBC is not None)", plain)
+    assert _python(code, plain) == glibc  # set wherever the C library is glibc
+    assert _python(code, {**plain, "MALLOC_MMAP_THRESHOLD_": "65536"}) == "False"
+    assert _python(code, {**plain, "UNLEARN_HEAP_TUNING": "0"}) == "False"
+
+
+def test_trimming_the_heap_gives_freed_memory_back():
+    """glibc keeps freed blocks in its heap; trim_heap hands their pages back (where the
+    C library is glibc: elsewhere it does nothing and there is nothing to check)."""
+    from workers.ml import memwatch
+
+    if memwatch._LIBC is None:
+        return
+    blocks = [bytearray(60_000) for _ in range(4000)]  # ~240 MB of heap blocks (< mmap size)
+    for b in blocks:
+        b[::4096] = b"x" * len(b[::4096])  # touch every page
+    full = memwatch.rss_bytes()
+    del blocks
+    memwatch.trim_heap()
+    assert memwatch.rss_bytes() < full - 150 * 2**20
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the storages autograd saves for the backward pass while `fn` runs."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def _plain_kl(logits: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    cur = torch.nn.functional.log_softmax(logits.float(), dim=-1)
+    return (cur.exp() * (cur - ref)).sum(dim=-1)
+
+
+def test_the_lean_kl_gives_autograds_numbers_bit_for_bit_and_keeps_only_its_inputs():
+    from workers.ml.losses import KL_ROWS, _RowKL
+
+    g = torch.Generator().manual_seed(0)
+    rows = 2 * KL_ROWS + 5  # several chunks and a ragged last one
+    ref = torch.log_softmax(torch.randn(rows, 300, generator=g) * 3, dim=-1)
+    weights = torch.rand(rows, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        base = (torch.randn(rows, 300, generator=g) * 3).to(dtype)
+        lean, plain = base.clone().requires_grad_(), base.clone().requires_grad_()
+        kl_lean, kl_plain = _RowKL.apply(lean, ref), _plain_kl(plain, ref)
+        assert torch.equal(kl_lean, kl_plain)
+        (kl_lean * weights).sum().backward()
+        (kl_plain * weights).sum().backward()
+        assert lean.grad is not None and plain.grad is not None
+        assert lean.grad.dtype == dtype and torch.equal(lean.grad, plain.grad)
+
+    # bfloat16 logits, as a job computes them: autograd's graph keeps three float32
+    # tensors of their size (log p, p, log p - ref), the lean one its inputs alone
+    logits = torch.randn(rows, 300, generator=g).to(torch.bfloat16).requires_grad_()
+    assert _saved_bytes(lambda: _RowKL.apply(logits, ref)) == logits.numel() * 2 + ref.numel() * 4
+    assert _saved_bytes(lambda: _plain_kl(logits, ref)) >= 3 * logits.numel() * 4
+
+
+def test_lora_on_16bit_weights_keeps_16bit_inputs_with_the_same_numbers(tiny_target):
+    """keep_inputs_16bit: the same logits and LoRA gradients bit for bit, and less kept
+    for the backward pass (no float32 copy of each adapted layer's input)."""
+    from workers.ml import losses
+    from workers.ml.data import collate, encode_all
+    from workers.ml.lean_lora import keep_inputs_16bit
+    from workers.ml.run import _wrap_with_lora
+    from workers.ml.specs import GA
+
+    def run(lean: bool) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        model, tok = loading.load(
+            loading.resolve(tiny_target), loading.pick_placement("cpu", "bfloat16")
         )
-        return out.stdout.strip()
+        model = _wrap_with_lora(model, GA(), None)
+        for name, p in model.named_parameters():  # move lora_B off zero: real gradients
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))
+        switched = keep_inputs_16bit(model) if lean else 0
+        batch = collate(encode_all(tok, FORGET + RETAIN, 64), [0, 3, 9, 12], tok.pad_token_id)
+        stats: list[torch.Tensor] = []
+        saved = _saved_bytes(lambda: stats.extend(losses.sequence_stats(model, batch)))
+        stats[1].mean().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return stats[0].detach(), grads, saved, switched
 
-    plain = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    assert capacity(plain) == "16"
-    assert capacity({**plain, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"}) == "256"
+    logp_a, grads_a, saved_a, _ = run(False)
+    logp_b, grads_b, saved_b, switched = run(True)
+    assert switched > 0
+    assert torch.equal(logp_a, logp_b) and torch.equal(grads_a, grads_b)
+    assert saved_b < saved_a
+
+
+def test_lora_on_float32_weights_keeps_peft_s_own_path(tiny_target):
+    from workers.ml.lean_lora import keep_inputs_16bit
+    from workers.ml.run import _wrap_with_lora
+    from workers.ml.specs import GA
+
+    model, _ = loading.load(loading.resolve(tiny_target), loading.pick_placement("cpu", "float32"))
+    assert keep_inputs_16bit(_wrap_with_lora(model, GA(), None)) == 0

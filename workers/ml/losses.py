@@ -317,13 +317,50 @@ def mean_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return -(logp * weights).sum() / weights.sum().clamp(min=1e-6)
 
 
+KL_ROWS = 32  # positions per chunk of the KL's vocabulary-sized float32 temporaries
+
+
+class _RowKL(torch.autograd.Function):
+    """Per row, sum(p * (log p - ref)) with log p = log_softmax(logits), computed exactly
+    as `(cur.exp() * (cur - ref)).sum(-1)` and back-propagated with autograd's own steps
+    for it, in its order, so the numbers are the same bit for bit. But it keeps only the
+    logits (16-bit in a bfloat16 job) and `ref`, and recomputes log p and p in chunks of
+    rows in the backward pass: autograd kept three float32 tensors of the logits' size
+    (log p, p, log p - ref) alive through the backward pass, and their gradients on top
+    (a retain batch's were a step's largest transient; docs/engine.md, "Memory")."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        kl = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
+        for s in range(0, logits.shape[0], KL_ROWS):
+            cur = F.log_softmax(logits[s : s + KL_ROWS].float(), dim=-1)
+            kl[s : s + KL_ROWS] = (cur.exp() * (cur - ref[s : s + KL_ROWS])).sum(dim=-1)
+        ctx.save_for_backward(logits, ref)
+        return kl
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, ref = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], KL_ROWS):
+            e = s + KL_ROWS
+            cur = F.log_softmax(logits[s:e].float(), dim=-1)
+            p = cur.exp()
+            g = grad[s:e, None].expand_as(cur)  # SumBackward0
+            from_p = g * (cur - ref[s:e])  # MulBackward0, to p
+            # MulBackward0 to (cur - ref), through SubBackward0, plus ExpBackward0
+            into_cur = g * p + from_p * p
+            wide = torch._log_softmax_backward_data(into_cur, cur, -1, torch.float32)
+            out[s:e] = wide.to(out.dtype)  # ToCopyBackward0 of .float()
+        return out, None
+
+
 def kl_to_reference(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """KL(p || p_ref) on the target positions, the reference being the network with the
     adapter switched off (no second copy of the model)."""
     with torch.no_grad(), model.disable_adapter():
         ref = F.log_softmax(kept_logits(model, batch)[0].float(), dim=-1)
-    cur = F.log_softmax(kept_logits(model, batch)[0].float(), dim=-1)
-    return (cur.exp() * (cur - ref)).sum(dim=-1).mean()
+    return _RowKL.apply(kept_logits(model, batch)[0], ref).mean()
 
 
 def retain_loss(model: Any, batch: dict[str, torch.Tensor] | None, kind: str) -> torch.Tensor:

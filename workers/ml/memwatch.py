@@ -1,9 +1,13 @@
 """Process memory while a job runs: resident set size sampled by a background thread
 (the CPU has no allocator counter like CUDA's), so a job's own peak can be told apart
-from what the process held before it started."""
+from what the process held before it started; and the two settings of glibc's heap that
+keep a job's peak near what it really uses (`tune_heap`, `trim_heap`)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import threading
 import time
 from types import TracebackType
@@ -18,6 +22,44 @@ def rss_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc and heap tuning is on (UNLEARN_HEAP_TUNING=0: off)."""
+    if os.environ.get("UNLEARN_HEAP_TUNING", "1") == "0":
+        return None
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _glibc()
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+MMAP_THRESHOLD = 1 << 20
+
+
+def tune_heap() -> bool:
+    """Serve blocks of 1 MiB and more (vocabulary-sized logits and their gradients) from
+    their own mappings, given back the moment they are freed. glibc's default raises
+    that threshold to the size of the largest block freed so far (up to 32 MiB), after
+    which such blocks came from the heap and left holes the next pass could not reuse;
+    a fixed threshold also keeps automatic trimming of the heap's top. An operator's
+    MALLOC_MMAP_THRESHOLD_ wins. Returns whether it was set."""
+    if _LIBC is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system. glibc keeps the blocks of freed
+    activations (a step's autograd graph) in its heap, and batches of other lengths
+    fragment it, so a job's resident set grew by a step's activations and more;
+    trimming before each step keeps it near what is in use (docs/engine.md, "Memory")."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 class PeakRSS:

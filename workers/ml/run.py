@@ -20,7 +20,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from workers.ml import adapters, loading, losses, methods, stand_ins
 from workers.ml.data import encode_all, rare_token_weights, value_token_weights
-from workers.ml.memwatch import PeakRSS
+from workers.ml.lean_lora import keep_inputs_16bit
+from workers.ml.memwatch import PeakRSS, tune_heap
 from workers.ml.specs import JobSpec, for_batched_job
 from workers.ml.training import CancelFn, Datasets, ProgressFn, runs, train
 from workers.ml.trunk import frozen_trunk, trunk_record
@@ -84,6 +85,7 @@ def run_job(
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
 ) -> JobResult:
+    tune_heap()  # once per process would do; it is cheap
     with PeakRSS() as memory:
         return _run(spec, workdir, memory, progress, should_cancel)
 
@@ -111,6 +113,7 @@ def _run(
         )
         base_model.enable_input_require_grads()  # LoRA: the embeddings are frozen
     model = _wrap_with_lora(base_model, m, spec.previous_adapter)
+    lean_layers = keep_inputs_16bit(model)  # the same numbers, a third less kept per pass
     method = methods.build(m)
     method.prepare(model)
 
@@ -192,6 +195,7 @@ def _run(
             "threads": torch.get_num_threads(),
             "cpu": loading.cpu_description(),
             "shared_prefix": losses.shared_prefix_used(model),
+            "lean_lora_layers": lean_layers,
             "trunk": trunk_record(trunk, losses.trunk_paths(model)),
         },
         "durations_s": {

@@ -32,6 +32,7 @@ import torch
 from workers.ml import trunk as trunks
 from workers.ml.data import BatchOrder, Encoded, collate
 from workers.ml.losses import sequence_logp_exact, sequence_stats, sequence_stats_entropy
+from workers.ml.memwatch import trim_heap
 from workers.ml.methods.base import Method, References
 
 ProgressFn = Callable[[float, dict[str, float]], None]
@@ -547,6 +548,7 @@ def train(
     while step < spec.max_steps:
         if should_cancel is not None and should_cancel():
             raise Canceled(f"canceled at step {step}")
+        trim_heap()  # the last step's (and check's) freed activations, before new ones
         optimizer.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
         for micro in range(spec.grad_accum):
