@@ -867,6 +867,24 @@ def test_sequence_stats_entropy_agrees_with_sequence_stats_and_the_full_logits(t
     assert (entropy > 0).all()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_pass_gives_the_holdout_log_probs_and_entropies_of_two_bit_for_bit(tiny_target, dtype):
+    """The step-0 holdout figures from one forward pass are exactly those of the two
+    passes they replace (a rounding difference moves the stop level and the run)."""
+    from workers.ml import losses, training
+    from workers.ml.data import encode_all
+
+    model, tok = loading.load(loading.resolve(tiny_target), loading.pick_placement("cpu", dtype))
+    enc = encode_all(tok, FORGET[:11], 128)  # two batches of the check's size, one short
+    pad = tok.pad_token_id
+    logp, entropy = training.logprobs_and_entropies(model, enc, pad)
+    assert torch.equal(logp, training.sequence_logprobs(model, enc, pad))
+    two_passes = training._per_item(
+        model, enc, pad, lambda m, b: losses.sequence_stats_entropy(m, b)[2]
+    )
+    assert torch.equal(entropy, two_passes)
+
+
 def _entropy_spec(target, weight, **overrides):
     from tests.ml.targets import PEOPLE
     from workers.ml import synthetic

@@ -31,7 +31,7 @@ import torch
 
 from workers.ml import trunk as trunks
 from workers.ml.data import BatchOrder, Encoded, collate
-from workers.ml.losses import sequence_logp_exact, sequence_stats, sequence_stats_entropy
+from workers.ml.losses import logp_and_entropy, sequence_logp_exact, sequence_stats
 from workers.ml.memwatch import trim_heap
 from workers.ml.methods.base import Method, References
 
@@ -134,14 +134,32 @@ def _per_item(
     weights: list[list[float]] | None = None,
 ) -> torch.Tensor:
     """One figure per example, in eval mode, in batches of `batch_size`."""
+    return _per_item_figures(
+        model, encoded, pad_id, lambda m, b: (stat(m, b),), batch_size, weights
+    )[0]
+
+
+@torch.no_grad()
+def _per_item_figures(
+    model: Any,
+    encoded: list[Encoded],
+    pad_id: int,
+    stats: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, ...]],
+    batch_size: int = CHECK_BATCH,
+    weights: list[list[float]] | None = None,
+) -> list[torch.Tensor]:
+    """`_per_item` for a pass that gives several figures per example."""
     was_training = model.training
     model.eval()
-    out = []
+    out: list[list[torch.Tensor]] = []
     for start in range(0, len(encoded), batch_size):
         idx = list(range(start, min(start + batch_size, len(encoded))))
-        out.append(stat(model, collate(encoded, idx, pad_id, weights)).float().cpu())
+        figures = stats(model, collate(encoded, idx, pad_id, weights))
+        out.append([f.float().cpu() for f in figures])
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    if not out:
+        return [torch.zeros(0)]
+    return [torch.cat(column) for column in zip(*out, strict=True)]
 
 
 def sequence_logprobs(
@@ -157,9 +175,13 @@ def sequence_logprobs(
     )
 
 
-def mean_entropies(model: Any, encoded: list[Encoded], pad_id: int) -> torch.Tensor:
-    """Each example's mean next-token entropy over its target tokens."""
-    return _per_item(model, encoded, pad_id, lambda m, b: sequence_stats_entropy(m, b)[2])
+def logprobs_and_entropies(
+    model: Any, encoded: list[Encoded], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logprobs` and each example's mean next-token entropy over its target
+    tokens, from one pass."""
+    logp, entropy = _per_item_figures(model, encoded, pad_id, logp_and_entropy)
+    return logp, entropy
 
 
 def _target_counts(encoded: list[Encoded]) -> torch.Tensor:
@@ -522,16 +544,20 @@ def train(
                 if kept is not None:
                     base["retain_kept"] = kept
             base["retain_intact"] = float(sum(intact))
-        holdout_logp = sequence_logprobs(model, data.holdout, pad_id) if data.holdout else None
+        holdout_logp, entropies = None, None
+        if data.holdout and method.needs_holdout_entropy:
+            # docs/engine.md, "Calibrated forgetting". The log-probs stay cross_entropy's:
+            # log_softmax + gather differs by rounding at 49k tokens, which moves the
+            # level, and the run with it (measured).
+            holdout_logp, entropies = logprobs_and_entropies(model, data.holdout, pad_id)
+        elif data.holdout:
+            holdout_logp = sequence_logprobs(model, data.holdout, pad_id)
         if holdout_logp is not None:
             base["holdout_prob"], base["holdout_nll"] = _prob_and_nll(holdout_logp, data.holdout)
             refs.extra["holdout_nll"] = base["holdout_nll"]
-            if method.needs_holdout_entropy:
-                # A second pass (docs/engine.md, "Calibrated forgetting"): taking the
-                # log-probs from it too moves the level by rounding (log_softmax + gather
-                # against cross_entropy at 49k tokens), and the run with it (measured).
-                entropy = mean_entropies(model, data.holdout, pad_id).mean().item()
-                base["holdout_entropy"] = refs.extra["holdout_entropy"] = entropy
+        if entropies is not None:
+            entropy = entropies.mean().item()
+            base["holdout_entropy"] = refs.extra["holdout_entropy"] = entropy
         thresholds = group_thresholds(spec, data, initial, holdout_logp)
         latest = initial
         if thresholds is not None:
