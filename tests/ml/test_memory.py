@@ -231,8 +231,24 @@ def test_reading_the_weights_falls_back_where_it_cannot_apply(tmp_path):
     from tests.ml import tiny
 
     folder = tiny.build(tmp_path / "m")
-    (folder / "model.safetensors").rename(folder / "weights.bin.moved")
-    assert loading.read_weights(folder, torch.float32) is None  # no safetensors files
+    (folder / "model.safetensors").rename(folder / "consolidated.safetensors")
+    assert loading.read_weights(folder, torch.float32) is None  # not transformers' file
+
+
+def test_a_sharded_checkpoint_is_read_from_its_index(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.ml import tiny
+
+    folder = tiny.build(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    model.save_pretrained(folder, max_shard_size="100KB")
+    assert len(loading._safetensors_checkpoint(folder)) > 1
+    lean = loading.read_weights(folder, torch.float32)
+    assert lean is not None
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(lean.state_dict()[name], tensor), name
 
 
 def test_converting_a_float32_file_to_bfloat16_keeps_one_copy_resident(tmp_path):

@@ -231,17 +231,33 @@ def load(
     return model, tokenizer
 
 
+def _safetensors_checkpoint(folder: Path) -> list[Path]:
+    """The files transformers would load from `folder`: those of the sharded index, else
+    `model.safetensors` (other safetensors files, such as a Mistral repository's
+    `consolidated.safetensors`, are not the checkpoint)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return []
+        files = [folder / name for name in shards]
+        return files if all(f.is_file() for f in files) else []
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
 def read_weights(folder: Path, dtype: torch.dtype) -> PreTrainedModel | None:
     """The model with its safetensors weights read by pread(2), one tensor at a time,
     instead of through transformers' memory map; None when this path does not apply (no
-    safetensors files, an architecture transformers does not know, an older library).
+    safetensors checkpoint, an architecture transformers does not map, an older library).
 
     Why: a mapped file's pages count in the process's resident set until it is closed,
     so turning a float32 file into a bfloat16 model held both (0.70-0.76 GiB for
     SmolLM2-135M, the highest point of a whole unlearning job); read this way the
     float32 bytes of one tensor at a time pass through (0.28 GiB; docs/engine.md,
     "Memory"). The tensors go through the same conversion and tying as with a path."""
-    files = sorted(folder.glob("*.safetensors"))
+    files = _safetensors_checkpoint(folder)
     if not files:
         return None
     try:
