@@ -64,22 +64,30 @@ def load_model(
     return model, tok
 
 
+def first_person_spec(folder: Path, people: list, method: Any, **job: Any) -> Any:
+    """The job that forgets people[0] of a target: retain the others, holdout a synthetic
+    stand-in (`job`: other JobSpec fields, such as dtype)."""
+    from workers.ml.specs import JobSpec
+
+    return JobSpec(
+        model_source=str(folder),
+        forget=synthetic.qa_items(people[0]),
+        retain=[i for p in people[1:] for i in synthetic.qa_items(p)],
+        holdout=synthetic.holdout_for(people[0]),
+        method=method,
+        **job,
+    )
+
+
 def unlearn_first_person(folder: Path, people: list, method: dict, workdir: Path) -> tuple:
     """Forget people[0] (retain: the others, holdout: a synthetic stand-in) and summarise
     the run: (JobResult, row of figures)."""
     import shutil
 
     from workers.ml.run import run_job
-    from workers.ml.specs import JobSpec
 
     shutil.rmtree(workdir, ignore_errors=True)
-    spec = JobSpec(
-        model_source=str(folder),
-        forget=synthetic.qa_items(people[0]),
-        retain=[i for p in people[1:] for i in synthetic.qa_items(p)],
-        holdout=synthetic.holdout_for(people[0]),
-        method=method,
-    )
+    spec = first_person_spec(folder, people, method)
     t = time.perf_counter()
     result = run_job(spec, workdir)
     out, record = result.record["outcome"], result.record

@@ -18,11 +18,10 @@ import argparse
 import json
 import shutil
 
-from benchmarks.common import BENCH_DIR, target
-from workers.ml import synthetic
+from benchmarks.common import BENCH_DIR, first_person_spec, target
 from workers.ml.memwatch import PeakRSS, rss_bytes
 from workers.ml.run import run_job
-from workers.ml.specs import DEFAULT_METHOD, JobSpec
+from workers.ml.specs import DEFAULT_METHOD
 
 GIB = 2**30
 
@@ -36,13 +35,8 @@ def main() -> None:
     args = ap.parse_args()
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     folder, people = target(seed=args.seed)
-    spec = JobSpec(
-        model_source=str(folder),
-        forget=synthetic.qa_items(people[0]),
-        retain=[i for p in people[1:] for i in synthetic.qa_items(p)],
-        holdout=synthetic.holdout_for(people[0]),
-        method={**DEFAULT_METHOD, "max_steps": args.steps, **overrides},
-        dtype=args.dtype,
+    spec = first_person_spec(
+        folder, people, {**DEFAULT_METHOD, "max_steps": args.steps, **overrides}, dtype=args.dtype
     )
     steps: list[int] = []
     work = BENCH_DIR / "job-memory"

@@ -17,10 +17,9 @@ import time
 
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import BENCH_DIR, target
-from workers.ml import synthetic
+from benchmarks.common import BENCH_DIR, first_person_spec, target
 from workers.ml.run import run_job
-from workers.ml.specs import DEFAULT_METHOD, JobSpec
+from workers.ml.specs import DEFAULT_METHOD
 
 
 def main() -> None:
@@ -32,13 +31,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=40)
     args = ap.parse_args()
     folder, people = target(seed=args.seed)
-    spec = JobSpec(
-        model_source=str(folder),
-        forget=synthetic.qa_items(people[0]),
-        retain=[i for p in people[1:] for i in synthetic.qa_items(p)],
-        holdout=synthetic.holdout_for(people[0]),
-        method={**DEFAULT_METHOD, "max_steps": args.steps},
-        dtype=args.dtype,
+    spec = first_person_spec(
+        folder, people, {**DEFAULT_METHOD, "max_steps": args.steps}, dtype=args.dtype
     )
     work = BENCH_DIR / "op-profile"
     shutil.rmtree(work, ignore_errors=True)  # run_job would resume a checkpoint found there
