@@ -89,7 +89,11 @@ def _prefix_logits(
 ) -> torch.Tensor:
     """The kept logits with the first `p` tokens (the same in every row) run once."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    head = model(input_ids=ids[:1, :p], attention_mask=mask[:1, :p], use_cache=True)
+    # only its keys and values are used: logits at one position, not the prefix's 24
+    # (a vocabulary-sized product per position)
+    head = model(
+        input_ids=ids[:1, :p], attention_mask=mask[:1, :p], use_cache=True, logits_to_keep=1
+    )
     cache = head.cache  # transformers 5: `cache` (formerly past_key_values)
     cache.batch_repeat_interleave(ids.shape[0])
     rest = model(
