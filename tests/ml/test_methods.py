@@ -319,6 +319,66 @@ def test_the_prefix_check_allows_16bit_rounding_and_nothing_else():
     assert not same_logits(plain + 3.0 * torch.randn(12, 50), plain, torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_checks_batches_run_their_common_prefix_once_with_the_same_numbers(tmp_path, dtype):
+    """Within one scope check the weights do not change, so the second and later batches
+    reuse the first one's prefix keys and values: one prefix pass, not one per batch, and
+    the per-item figures equal batch-by-batch passes bit for bit."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.ml import tiny
+    from workers.ml import losses, training
+    from workers.ml.data import collate, encode_all
+
+    folder = tiny.build(tmp_path / "m")
+    model, tok = loading.load(loading.resolve(str(folder)), loading.pick_placement("cpu", dtype))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():  # a trained adapter, not B = 0
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    items = [
+        {"prompt": f"{SYSTEM} {i['prompt']}", "completion": i["completion"]}
+        for i in FORGET + RETAIN
+    ]
+    enc = encode_all(tok, items, 128)
+    batches = [
+        list(range(s, min(s + training.CHECK_BATCH, len(enc))))
+        for s in range(0, len(enc), training.CHECK_BATCH)
+    ]
+    assert len(batches) >= 2
+    model.eval()
+    with torch.no_grad():
+        each = torch.cat(
+            [losses.sequence_stats(model, collate(enc, b, tok.pad_token_id))[0] for b in batches]
+        )
+        masks = [[1.0] * len(e.labels) for e in enc]
+        each_exact = torch.cat(
+            [
+                losses.sequence_logp_exact(model, collate(enc, b, tok.pad_token_id, masks))[0]
+                for b in batches
+            ]
+        )
+    calls: list[int] = []  # tokens per row of each call of the network
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _out: calls.append(int(args[0].shape[0]))
+    )
+    try:
+        reused = training.sequence_logprobs(model, enc, tok.pad_token_id)
+        prefix_passes = calls.count(1)
+        reused_exact, _ = training.logp_exact(model, enc, tok.pad_token_id, masks)
+    finally:
+        hook.remove()
+    assert torch.equal(reused, each) and torch.equal(reused_exact, each_exact)
+    prefixes = set()  # the batches' distinct common prefixes (here two lengths of three)
+    for b in batches:
+        ids = collate(enc, b, tok.pad_token_id)["input_ids"]
+        keep = losses._keep_mask(collate(enc, b, tok.pad_token_id)["labels"])
+        prefixes.add(tuple(ids[0, : losses.shared_prefix_length(ids, keep)].tolist()))
+    assert prefix_passes == len(prefixes) < len(batches)  # batch-1 calls: once per prefix
+    assert losses._REUSE.get() is None  # nothing is kept past the check
+
+
 def test_a_shared_prefix_is_checked_per_compute_dtype(tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -15,9 +15,11 @@ against the plain forward; a class that differs, or takes no cache, is not share
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -84,17 +86,49 @@ def shared_prefix_length(input_ids: torch.Tensor, keep: torch.Tensor) -> int:
     return min(common, first_kept, input_ids.shape[1] - 1)
 
 
+# Within `reusing_prefix()`: the prefix's keys and values by its tokens (see there)
+_REUSE: ContextVar[dict[tuple[tuple[int, ...], tuple[int, ...]], Any] | None] = ContextVar(
+    "prefix_reuse", default=None
+)
+
+
+@contextmanager
+def reusing_prefix() -> Iterator[None]:
+    """Within the block, a batch whose common prefix an earlier batch of the block already
+    ran reuses that pass's keys and values (a copy) instead of running it again: for
+    passes without gradients over weights that do not change inside the block (a scope
+    check's batches). The same tensors, so the same numbers bit for bit."""
+    token = _REUSE.set({})
+    try:
+        yield
+    finally:
+        _REUSE.reset(token)
+
+
+def _prefix_cache(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+    """The keys and values of one row of prefix tokens (a fresh cache object the caller
+    may extend)."""
+    store = _REUSE.get()
+    key = None
+    if store is not None and not torch.is_grad_enabled():
+        key = (tuple(ids[0].tolist()), tuple(mask[0].tolist()))
+        if key in store:
+            return copy.deepcopy(store[key])
+    # only its keys and values are used: logits at one position, not the prefix's 24
+    # (a vocabulary-sized product per position)
+    head = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    cache = head.cache  # transformers 5: `cache` (formerly past_key_values)
+    if key is not None and store is not None:
+        store[key] = copy.deepcopy(cache)
+    return cache
+
+
 def _prefix_logits(
     model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor, p: int
 ) -> torch.Tensor:
     """The kept logits with the first `p` tokens (the same in every row) run once."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    # only its keys and values are used: logits at one position, not the prefix's 24
-    # (a vocabulary-sized product per position)
-    head = model(
-        input_ids=ids[:1, :p], attention_mask=mask[:1, :p], use_cache=True, logits_to_keep=1
-    )
-    cache = head.cache  # transformers 5: `cache` (formerly past_key_values)
+    cache = _prefix_cache(model, ids[:1, :p], mask[:1, :p])
     cache.batch_repeat_interleave(ids.shape[0])
     rest = model(
         input_ids=ids[:, p:],

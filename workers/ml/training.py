@@ -31,7 +31,12 @@ import torch
 
 from workers.ml import trunk as trunks
 from workers.ml.data import BatchOrder, Encoded, collate
-from workers.ml.losses import logp_and_entropy, sequence_logp_exact, sequence_stats
+from workers.ml.losses import (
+    logp_and_entropy,
+    reusing_prefix,
+    sequence_logp_exact,
+    sequence_stats,
+)
 from workers.ml.memwatch import trim_heap
 from workers.ml.methods.base import Method, References
 
@@ -152,10 +157,11 @@ def _per_item_figures(
     was_training = model.training
     model.eval()
     out: list[list[torch.Tensor]] = []
-    for start in range(0, len(encoded), batch_size):
-        idx = list(range(start, min(start + batch_size, len(encoded))))
-        figures = stats(model, collate(encoded, idx, pad_id, weights))
-        out.append([f.float().cpu() for f in figures])
+    with reusing_prefix():
+        for start in range(0, len(encoded), batch_size):
+            idx = list(range(start, min(start + batch_size, len(encoded))))
+            figures = stats(model, collate(encoded, idx, pad_id, weights))
+            out.append([f.float().cpu() for f in figures])
     model.train(was_training)
     if not out:
         return [torch.zeros(0)]
@@ -203,11 +209,12 @@ def logp_exact(
     was_training = model.training
     model.eval()
     logps, exact = [], []
-    for start in range(0, len(encoded), CHECK_BATCH):
-        idx = list(range(start, min(start + CHECK_BATCH, len(encoded))))
-        logp, ok = sequence_logp_exact(model, collate(encoded, idx, pad_id, masks))
-        logps.append(logp.float().cpu())
-        exact += ok.cpu().tolist()
+    with reusing_prefix():
+        for start in range(0, len(encoded), CHECK_BATCH):
+            idx = list(range(start, min(start + CHECK_BATCH, len(encoded))))
+            logp, ok = sequence_logp_exact(model, collate(encoded, idx, pad_id, masks))
+            logps.append(logp.float().cpu())
+            exact += ok.cpu().tolist()
     model.train(was_training)
     return (torch.cat(logps) if logps else torch.zeros(0)), exact
 
