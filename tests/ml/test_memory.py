@@ -235,6 +235,25 @@ def test_reading_the_weights_falls_back_where_it_cannot_apply(tmp_path):
     assert loading.read_weights(folder, torch.float32) is None  # not transformers' file
 
 
+def test_a_checkpoint_the_lazy_read_refuses_still_loads_the_usual_way(tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    from tests.ml import tiny
+
+    folder = tiny.build(tmp_path / "m")
+    real = LlamaForCausalLM.from_pretrained.__func__
+
+    def refuse_lazy(cls, path, *args, **kwargs):
+        if path is None:
+            raise ValueError("a layout this path does not handle")
+        return real(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "from_pretrained", classmethod(refuse_lazy))
+    assert loading.read_weights(folder, torch.float32) is None
+    model, _ = loading.load(loading.resolve(str(folder)), loading.pick_placement("cpu"))
+    assert isinstance(model, LlamaForCausalLM)
+
+
 def test_a_sharded_checkpoint_is_read_from_its_index(tmp_path):
     from transformers import AutoModelForCausalLM
 

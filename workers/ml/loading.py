@@ -276,7 +276,12 @@ def read_weights(folder: Path, dtype: torch.dtype) -> PreTrainedModel | None:
         except TypeError:  # safetensors before the pread backend
             return None
         lazy = {key: h.get_slice(key) for h in handles for key in h.keys()}  # noqa: SIM118  (not iterable)
-        model = model_class.from_pretrained(None, config=config, state_dict=lazy, dtype=dtype)
+        try:
+            model = model_class.from_pretrained(None, config=config, state_dict=lazy, dtype=dtype)
+        except (TypeError, ValueError, KeyError, AttributeError, RuntimeError):
+            # a checkpoint this path does not handle: transformers' own load from the
+            # path says what is wrong with it, if anything is
+            return None
     model.name_or_path = model.config.name_or_path = str(folder)  # as loading from the path
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
