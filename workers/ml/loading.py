@@ -250,7 +250,8 @@ def _safetensors_checkpoint(folder: Path) -> list[Path]:
 def read_weights(folder: Path, dtype: torch.dtype) -> PreTrainedModel | None:
     """The model with its safetensors weights read by pread(2), one tensor at a time,
     instead of through transformers' memory map; None when this path does not apply (no
-    safetensors checkpoint, an architecture transformers does not map, an older library).
+    safetensors checkpoint, an architecture transformers does not map, a checkpoint the
+    lazy read refuses).
 
     Why: a mapped file's pages count in the process's resident set until it is closed,
     so turning a float32 file into a bfloat16 model held both (0.70-0.76 GiB for
@@ -268,13 +269,9 @@ def read_weights(folder: Path, dtype: torch.dtype) -> PreTrainedModel | None:
     if not isinstance(model_class, type) or not issubclass(model_class, PreTrainedModel):
         return None
     with contextlib.ExitStack() as stack:
-        try:
-            handles = [
-                stack.enter_context(safe_open(str(f), framework="pt", backend="pread"))
-                for f in files
-            ]
-        except TypeError:  # safetensors before the pread backend
-            return None
+        handles = [
+            stack.enter_context(safe_open(str(f), framework="pt", backend="pread")) for f in files
+        ]
         lazy = {key: h.get_slice(key) for h in handles for key in h.keys()}  # noqa: SIM118  (not iterable)
         try:
             model = model_class.from_pretrained(None, config=config, state_dict=lazy, dtype=dtype)

@@ -152,8 +152,10 @@ def _per_item_figures(
     stats: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, ...]],
     batch_size: int = CHECK_BATCH,
     weights: list[list[float]] | None = None,
+    count: int = 1,
 ) -> list[torch.Tensor]:
-    """`_per_item` for a pass that gives several figures per example."""
+    """`_per_item` for a pass that gives `count` figures per example (float32, on the
+    CPU)."""
     was_training = model.training
     model.eval()
     out: list[list[torch.Tensor]] = []
@@ -164,7 +166,7 @@ def _per_item_figures(
             out.append([f.float().cpu() for f in figures])
     model.train(was_training)
     if not out:
-        return [torch.zeros(0)]
+        return [torch.zeros(0) for _ in range(count)]
     return [torch.cat(column) for column in zip(*out, strict=True)]
 
 
@@ -186,7 +188,7 @@ def logprobs_and_entropies(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logprobs` and each example's mean next-token entropy over its target
     tokens, from one pass."""
-    logp, entropy = _per_item_figures(model, encoded, pad_id, logp_and_entropy)
+    logp, entropy = _per_item_figures(model, encoded, pad_id, logp_and_entropy, count=2)
     return logp, entropy
 
 
@@ -206,17 +208,10 @@ def logp_exact(
     """Summed log p(y|x) per item, and whether the model still gives each item's values
     word for word (every token of positive mask its top choice; every token without
     masks)."""
-    was_training = model.training
-    model.eval()
-    logps, exact = [], []
-    with reusing_prefix():
-        for start in range(0, len(encoded), CHECK_BATCH):
-            idx = list(range(start, min(start + CHECK_BATCH, len(encoded))))
-            logp, ok = sequence_logp_exact(model, collate(encoded, idx, pad_id, masks))
-            logps.append(logp.float().cpu())
-            exact += ok.cpu().tolist()
-    model.train(was_training)
-    return (torch.cat(logps) if logps else torch.zeros(0)), exact
+    logp, exact = _per_item_figures(
+        model, encoded, pad_id, sequence_logp_exact, weights=masks, count=2
+    )
+    return logp, [bool(ok) for ok in exact.tolist()]
 
 
 @torch.no_grad()
