@@ -983,3 +983,87 @@ def test_a_run_with_entropy_match_resumes_bit_for_bit(tiny_target, tmp_path):
     wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert resumed.record["outcome"]["curve"] == full.record["outcome"]["curve"]
+
+
+def test_pending_items_are_those_above_their_level_or_still_stating_values():
+    from workers.ml.data import Encoded
+    from workers.ml.training import Datasets, pending_items
+
+    # four items of two answer tokens: probabilities 0.9, 0.2, 0.2, 0.6
+    items = [Encoded(input_ids=[1, 2, 3], labels=[-100, 2, 3]) for _ in range(4)]
+    latest = 2 * torch.log(torch.tensor([0.9, 0.2, 0.2, 0.6]))
+    stated = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    data = Datasets(forget=items, retain=[])
+    on = specs.SimNPO(forget_pending_only=True, stop_values_stated=0.0)
+    assert pending_items(on, data, latest, stated, 0.5, None) == [0, 1, 3]
+    # without the values bound only the level counts
+    level_only = specs.SimNPO(forget_pending_only=True)
+    assert pending_items(level_only, data, latest, stated, 0.5, None) == [0, 3]
+    # a batched job: each request against its own level
+    data.forget_groups = [[0, 1], [2, 3]]
+    assert pending_items(level_only, data, latest, stated, None, [0.95, 0.1]) == [2, 3]
+    # nothing pending, or everything, or the focus off: batches draw on every item
+    assert pending_items(level_only, data, latest, stated, None, [0.95, 0.95]) == []
+    assert pending_items(level_only, data, latest, stated, 0.05, None) == []
+    assert pending_items(specs.SimNPO(), data, latest, stated, 0.5, None) == []
+
+
+# simnpo on the tiny target with the values bound at 0: the mean reaches its level
+# while some items still state their values (measured: the level at step 16, half the
+# items stating theirs; see test_a_run_stops_as_forgotten_only_once_...)
+PENDING = {
+    "max_steps": 60,
+    "stop_target": "ratio",
+    "stop_forget_ratio": 0.5,
+    "stop_values_stated": 0.0,
+    "checkpoint_every": 5,
+}
+
+
+def test_forget_batches_draw_only_on_the_items_not_yet_forgotten(tiny_target, tmp_path):
+    runs = {
+        on: run_job(
+            spec_for(tiny_target, "simnpo", **PENDING, forget_pending_only=on), tmp_path / str(on)
+        ).record["outcome"]
+        for on in (True, False)
+    }
+    on, off = runs[True], runs[False]
+    n = len(FORGET)
+    pending = [e.get("forget_pending", n) for e in on["evals"][1:]]  # none at the stop
+    assert "forget_pending" not in off["evals"][-1]
+    assert min(pending) < n, pending  # the focus did narrow
+    assert on["stopped"] == off["stopped"] == "forgotten"
+    assert on["final"]["forget_stated"] == off["final"]["forget_stated"] == 0.0
+    # the same run until the first check that leaves items out of the forget batches
+    first = next(e["step"] for e in on["evals"][1:] if e.get("forget_pending", n) < n)
+    for a, b in zip(on["curve"][:first], off["curve"][:first], strict=True):
+        assert a["loss"] == b["loss"]
+    assert on["curve"][first]["loss"] != off["curve"][first]["loss"]
+
+
+def test_a_run_resumed_with_pending_items_matches_the_uninterrupted_one(tiny_target, tmp_path):
+    spec = spec_for(tiny_target, "simnpo", **PENDING, forget_pending_only=True)
+    full = run_job(spec, tmp_path / "full")
+    out = full.record["outcome"]
+    n = len(FORGET)
+    narrowed = [e["step"] for e in out["evals"][1:] if e.get("forget_pending", n) < n]
+    assert narrowed and narrowed[0] <= 10 < out["steps"], out["evals"]
+    with pytest.raises(Canceled):  # the checkpoint at step 10 holds a narrowed focus
+        run_job(spec, tmp_path / "cut", should_cancel=cancel_after(11))
+    resumed = run_job(spec, tmp_path / "cut")
+    assert resumed.record["outcome"]["resumed_from"] == 10
+    wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_adam_beta1_reaches_the_optimizer(tiny_target, tmp_path):
+    """The running-mean factor is a real setting: the same run with less momentum ends
+    on other weights (docs/unlearning-defaults.md, "Eighth round")."""
+    runs = [
+        run_job(spec_for(tiny_target, "simnpo", max_steps=4, **beta), tmp_path / str(k))
+        for k, beta in enumerate(({}, {"adam_beta1": 0.9}, {"adam_beta1": 0.5}))
+    ]
+    default, same, less = (_adapter(r.adapter_dir) for r in runs)
+    assert all(torch.equal(default[k], same[k]) for k in default)  # 0.9 is the default
+    assert any(not torch.equal(default[k], less[k]) for k in default)
+    assert runs[2].record["method"]["adam_beta1"] == 0.5

@@ -57,6 +57,13 @@ class _MethodBase(BaseModel):
     grad_accum: int = Field(default=1, ge=1, le=256)
     warmup_ratio: float = Field(default=0.1, ge=0, le=0.5)
     weight_decay: float = Field(default=0.0, ge=0, le=1)
+    adam_beta1: float = Field(
+        default=0.9,
+        ge=0,
+        lt=1,
+        description="AdamW's running-mean factor: how long an update keeps the direction "
+        "of earlier gradients. Lower: the push stops sooner once the forget loss fades",
+    )
     max_grad_norm: float = Field(default=1.0, gt=0)
     lora_rank: int = Field(default=8, ge=1, le=256)
     lora_alpha: float = Field(default=16.0, gt=0)
@@ -145,6 +152,12 @@ class _MethodBase(BaseModel):
         "items still give their specific values word for word (every value token the "
         "model's top choice, teacher-forced); a mean probability can reach the stop level "
         "while a few items keep theirs. None: the level alone",
+    )
+    forget_pending_only: bool = Field(
+        default=False,
+        description="after each scope check, forget batches draw only on the items not yet "
+        "forgotten: above the stop level, or (with stop_values_stated) still stating their "
+        "values. Items already there are not pushed further while the rest catch up",
     )
     retain_tolerance: float = Field(
         default=0.25,

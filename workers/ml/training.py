@@ -405,6 +405,35 @@ def retain_breached(spec: Any, base: dict[str, float], now: dict[str, float]) ->
     return now["retain_kept"] < floor - 1e-9
 
 
+def pending_items(
+    spec: Any,
+    data: Datasets,
+    latest: torch.Tensor,
+    stated: torch.Tensor | None,
+    threshold: float | None,
+    thresholds: list[float] | None,
+) -> list[int]:
+    """The forget items not yet forgotten (`forget_pending_only`): above their stop
+    level, or still stating their values. Empty when the focus is off or nothing is
+    left, and then forget batches draw on every item."""
+    if not spec.forget_pending_only:
+        return []
+    probs = torch.exp(latest / _target_counts(data.forget))
+    levels = [threshold] * len(data.forget)
+    if thresholds is not None:
+        for group, level in zip(data.forget_groups, thresholds, strict=True):
+            for i in group:
+                levels[i] = level
+    pending = [
+        i
+        for i, level in enumerate(levels)
+        if level is None
+        or probs[i] > level
+        or (spec.stop_values_stated is not None and stated is not None and bool(stated[i]))
+    ]
+    return [] if len(pending) == len(data.forget) else pending
+
+
 def retain_orders(
     spec: Any, data: Datasets, retain_bs: int
 ) -> tuple[BatchOrder | None, BatchOrder | None]:
@@ -421,6 +450,12 @@ def retain_orders(
     )
     focus_order = BatchOrder(len(focus_pool(data)), focus, spec.seed + 2) if focus else None
     return retain_order, focus_order
+
+
+def forget_orders(spec: Any, data: Datasets, pending: list[int]) -> BatchOrder:
+    """The forget batches' order: over the pending items when there are any (indices into
+    `pending`), else over the whole forget set."""
+    return BatchOrder(len(pending) or len(data.forget), spec.batch_size, spec.seed)
 
 
 def focus_pool(data: Datasets) -> list[int]:
@@ -495,9 +530,10 @@ def train(
     retain bound is anchored on the base model (adapter off), not on the start."""
     start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=spec.lr, betas=(spec.adam_beta1, 0.999), weight_decay=spec.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(spec))
-    forget_order = BatchOrder(len(data.forget), spec.batch_size, spec.seed)
     retain_bs = spec.retain_batch_size or spec.batch_size
     ckpt_path = workdir / CHECKPOINT
     trunk = trunks.active(model)
@@ -512,6 +548,7 @@ def train(
         breaches, intact = ck.get("breaches", 0), ck.get("intact", [])
         data.repair, last_kept = ck.get("repair", []), ck.get("last_kept")
         paused = ck.get("forget_paused", False)
+        pending = ck.get("pending", [])
         thresholds = ck.get("group_thresholds")
         if trunk is not None and ck.get("trunk") is not None:
             trunk.restore(ck["trunk"])
@@ -565,10 +602,11 @@ def train(
         if thresholds is not None:
             base["forget_groups_left"] = float(groups_left(initial, data, thresholds))
         step, best_step, best_state, breaches = 0, 0, trainable_state(model), 0
-        last_kept, paused = None, False
+        last_kept, paused, pending = None, False, []
         curve, evals, tokens, resumed_from = [], [dict(base, step=0)], 0, None
     check_seconds = time.perf_counter() - start
     retain_order, focus_order = retain_orders(spec, data, retain_bs)
+    forget_order = forget_orders(spec, data, pending)
 
     threshold = stop_threshold(spec, base)
     stopped = "max_steps"
@@ -592,6 +630,8 @@ def train(
                 _accumulate(logs, loss, parts, spec.grad_accum)
                 continue
             f_idx = forget_order.batch(k)  # only a step that pushes the forget side reads it
+            if pending:
+                f_idx = [pending[j] for j in f_idx]
             forget = collate(data.forget, f_idx, pad_id, data.forget_weights)
             substitute = None
             if data.substitutes is not None:  # each item's substitutes in turn
@@ -655,6 +695,12 @@ def train(
                 if forgotten(now, threshold, thresholds, spec.stop_values_stated):
                     stopped = "forgotten"
                     break
+            now_pending = pending_items(spec, data, latest, stated, threshold, thresholds)
+            if now_pending != pending:
+                pending = now_pending
+                forget_order = forget_orders(spec, data, pending)
+            if spec.forget_pending_only:
+                evals[-1]["forget_pending"] = float(len(pending) or len(data.forget))
         if step % spec.checkpoint_every == 0 and step < spec.max_steps:
             _save_checkpoint(
                 ckpt_path,
@@ -672,6 +718,7 @@ def train(
                     "repair": data.repair,
                     "last_kept": last_kept,
                     "forget_paused": paused,
+                    "pending": pending,
                     "group_thresholds": thresholds,
                     "latest": latest,
                     "stated": stated,
