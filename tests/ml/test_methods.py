@@ -72,6 +72,19 @@ def _adapter(folder):
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
+def _resume_after_cut(spec, full, folder, steps: int, resumed_from: int):
+    """Cancel a run of `spec` after `steps` steps, resume it, check it restarted at
+    `resumed_from` and ended on `full`'s adapter bit for bit; the resumed result."""
+    with pytest.raises(Canceled):
+        run_job(spec, folder, should_cancel=cancel_after(steps))
+    assert not (folder / "adapter").exists()  # nothing published when canceled
+    resumed = run_job(spec, folder)
+    assert resumed.record["outcome"]["resumed_from"] == resumed_from
+    wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    return resumed
+
+
 def test_same_seed_same_adapter(tiny_target, tmp_path):
     a = run_job(spec_for(tiny_target, "npo", max_steps=8), tmp_path / "a")
     b = run_job(spec_for(tiny_target, "npo", max_steps=8), tmp_path / "b")
@@ -85,13 +98,8 @@ def test_same_seed_same_adapter(tiny_target, tmp_path):
 def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_target, tmp_path):
     full = run_job(spec_for(tiny_target, "npo"), tmp_path / "full")
 
-    with pytest.raises(Canceled):
-        run_job(spec_for(tiny_target, "npo"), tmp_path / "cut", should_cancel=cancel_after(13))
-    assert not (tmp_path / "cut" / "adapter").exists()  # nothing published when canceled
-    resumed = run_job(spec_for(tiny_target, "npo"), tmp_path / "cut")
-    assert resumed.record["outcome"]["resumed_from"] == 10  # the last checkpoint
-    wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the last checkpoint before step 13 is at step 10
+    resumed = _resume_after_cut(spec_for(tiny_target, "npo"), full, tmp_path / "cut", 13, 10)
     assert resumed.record["outcome"]["curve"] == full.record["outcome"]["curve"]
 
 
@@ -702,14 +710,7 @@ def test_a_repairing_run_resumes_bit_for_bit(tiny_target, tmp_path):
     evals = full.record["outcome"]["evals"]
     assert any(e.get("retain_kept", 1.0) < 1.0 for e in evals)  # the repair did start
 
-    with pytest.raises(Canceled):
-        run_job(
-            spec_for(tiny_target, "ga", **REPAIR), tmp_path / "cut", should_cancel=cancel_after(9)
-        )
-    resumed = run_job(spec_for(tiny_target, "ga", **REPAIR), tmp_path / "cut")
-    assert resumed.record["outcome"]["resumed_from"] == 8
-    wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    _resume_after_cut(spec_for(tiny_target, "ga", **REPAIR), full, tmp_path / "cut", 9, 8)
 
 
 # simnpo on the tiny target: a guarded answer breaks at step 2 and is given again only
@@ -756,12 +757,8 @@ def test_a_run_resumed_while_the_forget_push_is_paused_matches_the_uninterrupted
     spec = spec_for(tiny_target, "simnpo", **PAUSE)
     full = run_job(spec, tmp_path / "full")
     assert any(c["step"] == 9 and c.get("forget_paused") for c in full.record["outcome"]["curve"])
-    with pytest.raises(Canceled):  # the checkpoint at step 8 falls inside the pause
-        run_job(spec, tmp_path / "cut", should_cancel=cancel_after(9))
-    resumed = run_job(spec, tmp_path / "cut")
-    assert resumed.record["outcome"]["resumed_from"] == 8
-    wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the checkpoint at step 8 falls inside the pause
+    _resume_after_cut(spec, full, tmp_path / "cut", 9, 8)
 
 
 def test_only_a_check_that_repairs_answers_spares_the_patience():
@@ -898,12 +895,7 @@ def test_a_batched_job_measured_in_turns_resumes_bit_for_bit(tiny_target, tmp_pa
 
     full = run_job(spec(), tmp_path / "full")
 
-    with pytest.raises(Canceled):
-        run_job(spec(), tmp_path / "cut", should_cancel=cancel_after(13))
-    resumed = run_job(spec(), tmp_path / "cut")
-    assert resumed.record["outcome"]["resumed_from"] == 10
-    wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    resumed = _resume_after_cut(spec(), full, tmp_path / "cut", 13, 10)
     assert resumed.record["outcome"]["evals"] == full.record["outcome"]["evals"]
 
 
@@ -976,12 +968,7 @@ def test_a_run_with_entropy_match_resumes_bit_for_bit(tiny_target, tmp_path):
     spec = _entropy_spec(tiny_target, 5.0, checkpoint_every=2)
     full = run_job(spec, tmp_path / "full")
 
-    with pytest.raises(Canceled):
-        run_job(spec, tmp_path / "cut", should_cancel=cancel_after(3))
-    resumed = run_job(spec, tmp_path / "cut")
-    assert resumed.record["outcome"]["resumed_from"] == 2  # the holdout entropy came back
-    wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    resumed = _resume_after_cut(spec, full, tmp_path / "cut", 3, 2)  # the entropy came back
     assert resumed.record["outcome"]["curve"] == full.record["outcome"]["curve"]
 
 
@@ -1048,12 +1035,8 @@ def test_a_run_resumed_with_pending_items_matches_the_uninterrupted_one(tiny_tar
     n = len(FORGET)
     narrowed = [e["step"] for e in out["evals"][1:] if e.get("forget_pending", n) < n]
     assert narrowed and narrowed[0] <= 10 < out["steps"], out["evals"]
-    with pytest.raises(Canceled):  # the checkpoint at step 10 holds a narrowed focus
-        run_job(spec, tmp_path / "cut", should_cancel=cancel_after(11))
-    resumed = run_job(spec, tmp_path / "cut")
-    assert resumed.record["outcome"]["resumed_from"] == 10
-    wa, wb = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the checkpoint at step 10 holds a narrowed focus
+    _resume_after_cut(spec, full, tmp_path / "cut", 11, 10)
 
 
 def test_adam_beta1_reaches_the_optimizer(tiny_target, tmp_path):
