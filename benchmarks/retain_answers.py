@@ -16,7 +16,8 @@ from pathlib import Path
 
 from service import demo
 from workers.ml import loading
-from workers.ml.data import encode_all, value_token_weights
+from workers.ml.data import encode_all
+from workers.ml.run import guard_masks
 from workers.ml.training import Datasets, kept_share, retain_state
 
 
@@ -37,10 +38,8 @@ def main() -> None:
     model = PeftModel.from_pretrained(base, str(args.adapter)).eval()
     for n in args.samples:
         data = Datasets(forget=[], retain=encoded, retain_eval=n)
+        data.retain_sample_masks = guard_masks(tok, data, retain)
         idx = data.retain_indices()
-        data.retain_sample_masks = value_token_weights(
-            tok, [retain[i] for i in idx], [encoded[i] for i in idx], other=0.0
-        )
         with model.disable_adapter():
             nll_before, intact = retain_state(model, data, tok.pad_token_id)
         nll_after, given = retain_state(model, data, tok.pad_token_id)

@@ -78,6 +78,15 @@ def _targets(model: Any, targets: str | list[str]) -> str | list[str]:
     return sorted(names)
 
 
+def guard_masks(tok: Any, data: Datasets, retain: list[dict[str, str]]) -> list[list[float]]:
+    """The per-token masks of the answer guard's sample (`data.retain_sample()`): the
+    specific values of each sampled retain answer (`retain`: data.retain before encoding)."""
+    idx = data.retain_indices()
+    return value_token_weights(
+        tok, [retain[i] for i in idx], [data.retain[i] for i in idx], other=0.0
+    )
+
+
 def run_job(
     spec: JobSpec,
     workdir: Path,
@@ -135,10 +144,7 @@ def _run(
     if m.retain_focus > 0:
         data.neighbours = neighbours(forget, retain)
     if m.retain_answers_tolerance is not None:  # only the guard's sample needs its masks
-        idx = data.retain_indices()
-        data.retain_sample_masks = value_token_weights(
-            tok, [retain[i] for i in idx], [data.retain[i] for i in idx], other=0.0
-        )
+        data.retain_sample_masks = guard_masks(tok, data, retain)
     if m.stop_values_stated is not None:
         data.forget_value_masks = value_token_weights(tok, forget, data.forget, other=0.0)
     if m.forget_weighting == "rare":
