@@ -919,6 +919,36 @@ def test_sequence_stats_entropy_agrees_with_sequence_stats_and_the_full_logits(t
     assert (entropy > 0).all()
 
 
+def test_a_token_past_the_nll_cap_gets_no_push_and_the_rest_the_same(tiny_target):
+    """`token_nll_cap`: a token already that unlikely adds nothing to the forget loss's
+    gradient; tokens under the cap get exactly the gradient they get without it."""
+    from workers.ml import losses
+    from workers.ml.data import collate, encode_all
+
+    logp = torch.tensor([-0.5, -3.0, -9.0, -12.0], requires_grad=True)
+    losses._capped(logp, 8.0).sum().backward()
+    assert logp.grad.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert losses._capped(logp, None) is logp
+
+    # through the model: each example's mean NLL counts its tokens' NLL up to the cap
+    model, tok = loading.load(loading.resolve(tiny_target), loading.pick_placement("cpu"))
+    enc = encode_all(tok, FORGET[:3], 128)
+    batch = collate(enc, list(range(len(enc))), tok.pad_token_id)
+    with torch.no_grad():
+        logits, targets = losses.kept_logits(model, batch)
+        nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        cap = float(nll.median())  # about half the tokens past it
+        rows = losses._keep_mask(batch["labels"]).nonzero()[:, 0]
+        expected = torch.stack([nll[rows == r].clamp(max=cap).mean() for r in range(3)])
+        _, capped = losses.sequence_stats(model, batch, nll_cap=cap)
+        _, capped_e, _ = losses.sequence_stats_entropy(model, batch, nll_cap=cap)
+        _, plain = losses.sequence_stats(model, batch)
+    assert torch.allclose(capped, expected, atol=1e-4) and torch.allclose(capped, capped_e)
+    assert (capped < plain).all()
+    with pytest.raises(ValidationError):
+        specs.SimNPO(token_nll_cap=0)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_one_pass_gives_the_holdout_log_probs_and_entropies_of_two_bit_for_bit(tiny_target, dtype):
     """The step-0 holdout figures from one forward pass are exactly those of the two

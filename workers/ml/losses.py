@@ -296,10 +296,20 @@ def target_logprobs(
     return (logp, *_rows_and_weights(batch, logp))
 
 
-def sequence_stats(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Weighted) summed log p(y|x) and mean NLL over the target tokens, per example."""
+def sequence_stats(
+    model: Any, batch: dict[str, torch.Tensor], nll_cap: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Weighted) summed log p(y|x) and mean NLL over the target tokens, per example.
+    `nll_cap`: each token's NLL counts up to this much (`_capped`)."""
     logp, rows, weights = target_logprobs(model, batch)
-    return _per_example(logp, rows, weights, batch["labels"].shape[0])
+    return _per_example(_capped(logp, nll_cap), rows, weights, batch["labels"].shape[0])
+
+
+def _capped(logp: torch.Tensor, nll_cap: float | None) -> torch.Tensor:
+    """log p clamped at -nll_cap: a token already that unlikely adds no gradient, so a
+    loss on the mean NLL moves on to the example's other tokens instead of driving one
+    position ever surer of some other token (docs/engine.md, "Calibrated forgetting")."""
+    return logp if nll_cap is None else logp.clamp(min=-nll_cap)
 
 
 def _per_example(
@@ -313,7 +323,7 @@ def _per_example(
 
 
 def sequence_stats_entropy(
-    model: Any, batch: dict[str, torch.Tensor]
+    model: Any, batch: dict[str, torch.Tensor], nll_cap: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sequence_stats`, and each example's mean entropy of the model's next-token
     distribution over its target tokens (unweighted), from the same forward pass.
@@ -326,7 +336,7 @@ def sequence_stats_entropy(
     entropy = -(lp.exp() * lp).sum(dim=-1)
     rows, weights = _rows_and_weights(batch, logp)
     n = batch["labels"].shape[0]
-    total, nll = _per_example(logp, rows, weights, n)
+    total, nll = _per_example(_capped(logp, nll_cap), rows, weights, n)
     _, mean_entropy = _per_example(-entropy, rows, torch.ones_like(logp), n)  # -(sum -H)/count
     return total, nll, mean_entropy
 

@@ -236,6 +236,14 @@ class SimNPO(_MethodBase):
         "its answer: the forgotten items end as sure or unsure as never-seen ones "
         "(Min-K%++ tells them apart otherwise); needs holdout items, 0: off",
     )
+    token_nll_cap: float | None = Field(
+        default=None,
+        gt=0,
+        description="each forget token's NLL counts up to this much in the forget loss: "
+        "a token already that unlikely gets no further push, which goes to the item's "
+        "other tokens instead (pushed on, one position ends near-certain of some other "
+        "token, which Min-K%++ sees); None: no cap",
+    )
 
 
 class Relabel(_MethodBase):

@@ -6,7 +6,9 @@ delta to the holdout items' mean NLL, so forget items are pushed to the level of
 the model never saw and no further (over-unlearning is detectable too).
 `entropy_match` adds entropy_match * mean (H_i - H_holdout)^2, H an item's mean
 next-token entropy: the items end as sure, or unsure, as never-seen ones
-(docs/engine.md, "Calibrated forgetting")."""
+(docs/engine.md, "Calibrated forgetting"). `token_nll_cap` counts each token's NLL up
+to that much, so the push on an item spreads over its tokens instead of driving a few
+ever less likely."""
 
 from __future__ import annotations
 
@@ -41,9 +43,9 @@ class SimpleNPO(Method):
         s = self.spec
         target_entropy = refs.extra.get("holdout_entropy") if self.needs_holdout_entropy else None
         if target_entropy is None:
-            _, nll = sequence_stats(model, forget)  # mean NLL per example = -(log p)/|y|
+            _, nll = sequence_stats(model, forget, s.token_nll_cap)  # mean NLL = -(log p)/|y|
         else:
-            _, nll, entropy = sequence_stats_entropy(model, forget)
+            _, nll, entropy = sequence_stats_entropy(model, forget, s.token_nll_cap)
         delta = refs.extra.get("holdout_nll", 0.0) if s.delta == "holdout" else s.delta
         forget_term = -(2.0 / s.beta) * F.logsigmoid(s.beta * (nll - delta)).mean()
         logs = {"forget_loss": forget_term.item(), "forget_nll": nll.mean().item()}
