@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--workdir", default="var/bench/demo-erasure")
     ap.add_argument("--round", type=int, default=0, help="the pipeline's audit retry round")
     ap.add_argument("--overshot", action="store_true", help="the round before overshot")
+    ap.add_argument(
+        "--too-sure", action="store_true", help="the round before failed Min-K%%++ low alone"
+    )
     ap.add_argument("--audit", action="store_true", help="audit the adapter as the pipeline")
     args = ap.parse_args()
 
@@ -46,7 +49,7 @@ def main() -> None:
     for kv in args.set:
         key, _, value = kv.partition("=")
         method[key] = json.loads(value)
-    method = method_for_round(method, args.round, overshot=args.overshot)
+    method = method_for_round(method, args.round, overshot=args.overshot, too_sure=args.too_sure)
     forget = demo.customer_items(gone)
     retain = [i for p in kept for i in demo.customer_items(p)]
     holdout = synthesize(forget)

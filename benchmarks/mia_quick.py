@@ -13,6 +13,11 @@ person's dates, numbers, names): their mean log-probability, its 5 % quantile, t
 model's mean top-choice probability there, and the mean Min-K%++ score per item.
 Never-seen values are unlikely *and* uncertain; an erasure that shows leaves the model
 confidently wrong instead.
+
+`--worst`: per item, its Min-K%++ score and its three lowest-scoring tokens (the token,
+its log p, its z-score, the model's top choice there and that choice's probability): a
+single position where the model is near-certain of another token can carry an item's
+score by itself (docs/engine.md, "Calibrated forgetting").
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ def main() -> None:
     ap.add_argument("adapter", type=Path)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--tokens", action="store_true", help="the value-token breakdown too")
+    ap.add_argument("--worst", action="store_true", help="each item's lowest-scoring tokens")
     ap.add_argument("--assistant", type=Path, help="the demo's assistant instead of a target")
     args = ap.parse_args()
     if args.assistant:
@@ -59,6 +65,10 @@ def main() -> None:
             if args.tokens:
                 for name, s in sets.items():
                     print(state, name, value_tokens(a.model, a.tok, s))
+            if args.worst:
+                for name, s in sets.items():
+                    for i, line in enumerate(worst_tokens(a.model, a.tok, s)):
+                        print(state, name, i, line)
         aucs = {
             m: auc([r[m] for r in rows["forget"]], [r[m] for r in rows["holdout"]])
             for m in MIA_SCORES
@@ -88,6 +98,24 @@ def value_tokens(model: Any, tok: Any, s: _Set) -> dict[str, float]:
         "value_top_prob": round(statistics.fmean(top), 2),
         "min_k_pp_mean": round(statistics.fmean(scores), 2),
     }
+
+
+@torch.no_grad()
+def worst_tokens(model: Any, tok: Any, s: _Set, n: int = 3) -> list[str]:
+    """Per item: its Min-K%++ score, then its `n` lowest-z tokens."""
+    lines = []
+    for st, enc in zip(token_stats(model, s.encoded, tok.pad_token_id), s.encoded, strict=True):
+        batch = collate([enc], [0], tok.pad_token_id)
+        logits, targets = kept_logits(model, batch)
+        top = F.softmax(logits.float(), dim=-1).max(-1)
+        worst = sorted(range(len(st.zscore)), key=lambda j: st.zscore[j])[:n]
+        cells = [
+            f"{tok.decode([int(targets[j])])!r} logp {st.logp[j]:.1f} z {st.zscore[j]:.0f} "
+            f"top {tok.decode([int(top.indices[j])])!r} {float(top.values[j]):.2f}"
+            for j in worst
+        ]
+        lines.append(f"min_k_pp {min_k(st.zscore):.1f} | " + " | ".join(cells))
+    return lines
 
 
 if __name__ == "__main__":

@@ -197,7 +197,8 @@ def _audit_summary(report: dict[str, Any]) -> None:
         f"general-knowledge accuracy {s['probe_accuracy']['before']:.3f} -> "
         f"{s['probe_accuracy']['after']:.3f}"
     )
-    console.print(f"verdict: {'[green]PASSED' if verdict['passed'] else '[red]FAILED'}[/]")
+    retried = f" in audit round {report['round']} (a retry)" if report.get("round") else ""
+    console.print(f"verdict: {'[green]PASSED' if verdict['passed'] else '[red]FAILED'}[/]{retried}")
 
 
 def run(

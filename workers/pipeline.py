@@ -210,39 +210,76 @@ def _earlier_requests(session: Session, model_id: str) -> list[ErasureRequest]:
 
 # 1 - AuditPolicy.min_retain_answers_kept's default: what a retry's answer guard allows.
 RETRY_ANSWERS_TOLERANCE = 0.1
+# The membership score that tells *unsure* from *confidently wrong* (docs/engine.md,
+# "Calibrated forgetting"): the one `entropy_match` calibrates.
+CALIBRATION_SCORE = "mia_min_k_pp_auc"
+# The forget-token NLL cap of a retry after `too_sure` (p = 3.4e-4: on the demo's
+# assistant the tokens that failed Min-K%++ were at log p -22 to -29).
+RETRY_TOKEN_NLL_CAP = 8.0
 
 
-def method_for_round(method: dict[str, Any], rnd: int, *, overshot: bool = False) -> dict[str, Any]:
-    """The settings of audit retry `rnd` (0: as asked). A retry puts the forget loss on
-    the person's specific values (measured on the built-in model: lower forget
-    probability for the same damage to retain data, see docs/audit.md), checks the
-    retain guard on more items, lets the answer guard allow what the audit allows, and
-    runs twice the steps. After a round that *overshot*
-    (a membership AUC far under 0.5: the forgotten items became much less likely than
+def method_for_round(
+    method: dict[str, Any], rnd: int, *, overshot: bool = False, too_sure: bool = False
+) -> dict[str, Any]:
+    """The settings of audit retry `rnd` (0: as asked), aimed at what the round before
+    failed.
+
+    A SimNPO round whose one failure is that the forgotten items became surer of some
+    other value than never-seen ones (`too_sure`: Min-K%++ alone on the low side; every
+    other test passed, so the values are forgotten) is rerun as it was with each forget
+    token's NLL capped (`token_nll_cap`, RETRY_TOKEN_NLL_CAP, halved for each further
+    round): the push then stops on a token once it is that unlikely instead of leaving
+    the model near-certain of another token there. Every other setting stays: round 0's
+    trajectory was sound, and the general retry below moves it (measured on the demo's
+    assistant, docs/unlearning-defaults.md, "Ninth round").
+
+    Otherwise a retry puts the forget loss on the person's specific values (measured on
+    the built-in model: lower forget probability for the same damage to retain data, see
+    docs/audit.md), checks the retain guard on more items, lets the answer guard allow
+    what the audit allows, and runs twice the steps. After a round that *overshot* (a
+    membership AUC far under 0.5: the forgotten items became much less likely than
     never-seen ones, so the erasure itself shows) it also halves the learning rate, so
     the stop rule catches the holdout level before the run passes it; otherwise it
     keeps the learning rate: a faster run only trips the retain guard sooner."""
     out = dict(method)
-    if rnd > 0:
-        out["forget_weighting"] = "values"
-        out["max_steps"] = min(10_000, out["max_steps"] * 2**rnd)
-        out["retain_eval_items"] = max(out.get("retain_eval_items", 8), 32)
-        # Round 0 may break none of the guarded retain answers; on some models one breaks
-        # with the first steps, and the run rolls back to nothing forgotten (measured on a
-        # 3-person target: round 0 left 18 of 20 answers stating a secret, this retry 0,
-        # the other person kept 15/15). The retry may break what the audit's default
-        # accepts, and the audit then judges the greedy answers themselves.
-        tolerance = out.get("retain_answers_tolerance", 0.0)
-        if tolerance is not None:
-            out["retain_answers_tolerance"] = max(tolerance, RETRY_ANSWERS_TOLERANCE)
-        if overshot:
-            out["lr"] = out["lr"] / 2**rnd
+    if rnd == 0:
+        return out
+    if too_sure and out.get("name") == "simnpo":
+        cap = RETRY_TOKEN_NLL_CAP / 2 ** (rnd - 1)
+        out["token_nll_cap"] = min(cap, out.get("token_nll_cap") or cap)
+        return out
+    out["forget_weighting"] = "values"
+    out["max_steps"] = min(10_000, out["max_steps"] * 2**rnd)
+    out["retain_eval_items"] = max(out.get("retain_eval_items", 8), 32)
+    # Round 0 may break none of the guarded retain answers; on some models one breaks
+    # with the first steps, and the run rolls back to nothing forgotten (measured on a
+    # 3-person target: round 0 left 18 of 20 answers stating a secret, this retry 0,
+    # the other person kept 15/15). The retry may break what the audit's default
+    # accepts, and the audit then judges the greedy answers themselves.
+    tolerance = out.get("retain_answers_tolerance", 0.0)
+    if tolerance is not None:
+        out["retain_answers_tolerance"] = max(tolerance, RETRY_ANSWERS_TOLERANCE)
+    if overshot:
+        out["lr"] = out["lr"] / 2**rnd
     return out
+
+
+def _privacy_low(audit: dict[str, Any]) -> list[str]:
+    """The membership tests the audit failed on the low side (docs/audit.md)."""
+    failed = audit.get("verdict", {}).get("failed", [])
+    return [c["name"] for c in failed if c["group"] == "privacy" and c["value"] < 0.5]
 
 
 def overshot(audit: dict[str, Any]) -> bool:
     """Whether the audit failed a membership test on the low side (docs/audit.md)."""
-    return any(c["group"] == "privacy" and c["value"] < 0.5 for c in audit["verdict"]["failed"])
+    return bool(_privacy_low(audit))
+
+
+def too_sure(audit: dict[str, Any]) -> bool:
+    """Whether the audit's one failure is Min-K%++ on the low side: the forgotten items
+    as unlikely as never-seen ones by every other test, but surer of some other value."""
+    failed = audit.get("verdict", {}).get("failed", [])
+    return len(failed) == 1 and _privacy_low(audit) == [CALIBRATION_SCORE]
 
 
 # ---- liveness ------------------------------------------------------------------------
@@ -371,7 +408,9 @@ def _execute(
         if rnd > inp.audit_rounds:
             _set_audit_round(job_id, worker_id, rnd)
         _advance(job_id, worker_id, J.TRAINING, 0.05)
-        method = method_for_round(inp.method, rnd, overshot=bool(audit) and overshot(audit))
+        method = method_for_round(
+            inp.method, rnd, overshot=bool(audit) and overshot(audit), too_sure=too_sure(audit)
+        )
         result = _train(inp, method, previous, workdir / f"round{rnd}", beat, settings)
         _advance(job_id, worker_id, J.EVALUATING, 0.85)
         audit = audit_adapter(

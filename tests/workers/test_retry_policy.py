@@ -1,12 +1,20 @@
 """The audit retry's settings: stronger after a round that forgot too little, gentler
-after one that overshot (the erasure itself detectable)."""
+after one that overshot (the erasure itself detectable), and only less calibration pull
+after one whose forgotten items ended surer of some other value than never-seen ones
+(the forget tokens' NLL capped)."""
 
 from __future__ import annotations
 
 import pytest
 
-from workers.ml.specs import DEFAULT_METHOD
-from workers.pipeline import method_for_round, overshot
+from workers.ml.specs import DEFAULT_METHOD, SimNPO
+from workers.pipeline import (
+    CALIBRATION_SCORE,
+    RETRY_TOKEN_NLL_CAP,
+    method_for_round,
+    overshot,
+    too_sure,
+)
 
 
 def _audit(*failed: tuple[str, str, float]) -> dict:
@@ -50,3 +58,33 @@ def test_a_retry_lets_the_answer_guard_allow_what_the_audit_allows():
     assert loose["retain_answers_tolerance"] == 0.3
     off = method_for_round({**DEFAULT_METHOD, "retain_answers_tolerance": None}, 1)
     assert off["retain_answers_tolerance"] is None
+
+
+def test_too_sure_is_min_k_pp_alone_failed_on_the_low_side():
+    assert too_sure(_audit((CALIBRATION_SCORE, "privacy", 0.17)))
+    assert overshot(_audit((CALIBRATION_SCORE, "privacy", 0.17)))  # still low-side
+    assert not too_sure(_audit((CALIBRATION_SCORE, "privacy", 0.9)))  # unsure: high side
+    assert not too_sure(
+        _audit((CALIBRATION_SCORE, "privacy", 0.17), ("mia_loss_auc", "privacy", 0.1))
+    )
+    assert not too_sure(
+        _audit((CALIBRATION_SCORE, "privacy", 0.17), ("forget_value_leak", "forgetting", 0.3))
+    )
+    assert not too_sure(_audit()) and not too_sure({})
+
+
+def test_after_too_sure_the_retry_is_round_zero_with_the_token_nll_capped():
+    again = method_for_round(dict(DEFAULT_METHOD), 1, overshot=True, too_sure=True)
+    assert again == {**DEFAULT_METHOD, "token_nll_cap": RETRY_TOKEN_NLL_CAP}
+    SimNPO.model_validate(again)  # a spec the engine takes
+    tighter = method_for_round(dict(DEFAULT_METHOD), 2, overshot=True, too_sure=True)
+    assert tighter["token_nll_cap"] == RETRY_TOKEN_NLL_CAP / 2
+    # a tighter cap already asked for stays
+    asked = method_for_round({**DEFAULT_METHOD, "token_nll_cap": 3.0}, 1, too_sure=True)
+    assert asked["token_nll_cap"] == 3.0
+    # another method has no such cap: the overshoot's retry as before
+    npo = {"name": "npo", "lr": 1e-3, "max_steps": 48}
+    assert method_for_round(npo, 1, overshot=True, too_sure=True) == method_for_round(
+        npo, 1, overshot=True
+    )
+    assert method_for_round(npo, 1, overshot=True)["lr"] == 5e-4
