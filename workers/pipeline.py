@@ -214,7 +214,7 @@ RETRY_ANSWERS_TOLERANCE = 0.1
 # "Calibrated forgetting"): the one `entropy_match` calibrates.
 CALIBRATION_SCORE = "mia_min_k_pp_auc"
 # The forget-token NLL cap of a retry after `too_sure` (p = 3.4e-4: on the demo's
-# assistant the tokens that failed Min-K%++ were at log p -22 to -29).
+# assistant the tokens that failed Min-K%++ were at log p -15 to -29).
 RETRY_TOKEN_NLL_CAP = 8.0
 
 
