@@ -102,6 +102,7 @@ class JobInput:
     parent_version: int | None
     parent_prefix: str | None
     audit_rounds: int
+    round_method: dict[str, Any] | None  # the settings that round started with
     policy: dict[str, Any]
     regression: list[dict[str, str]]  # items earlier versions forgot, not yet purged
     regression_owner: list[str]
@@ -161,6 +162,7 @@ def _read_input(job_id: str, worker_id: str) -> JobInput:
             parent_version=job.parent_version,
             parent_prefix=parent_prefix,
             audit_rounds=job.audit_rounds,
+            round_method=job.round_method,
             policy=model.audit_policy or {},
             forget_owner=owners,
             regression=regression,
@@ -378,12 +380,25 @@ def _advance(job_id: str, worker_id: str, stage: JobStage, progress: float) -> N
     _retrying(step)
 
 
-def _set_audit_round(job_id: str, worker_id: str, rnd: int) -> None:
+def _set_audit_round(job_id: str, worker_id: str, rnd: int, method: dict[str, Any]) -> None:
     def step() -> None:
         with session_scope() as s:
-            jobs.own(s, job_id=job_id, worker_id=worker_id).audit_rounds = rnd
+            job = jobs.own(s, job_id=job_id, worker_id=worker_id)
+            job.audit_rounds, job.round_method = rnd, method
 
     _retrying(step)
+
+
+def round_settings(inp: JobInput, rnd: int, audit: dict[str, Any]) -> dict[str, Any]:
+    """The method of audit round `rnd`, `audit` the round before's (empty for the first
+    round this worker runs). A job resumed in a retry trains on with the settings that
+    retry started with (`round_method`): its checkpoint was made with them, and the
+    failed audit that chose them is not at hand any more."""
+    if rnd == inp.audit_rounds and rnd > 0 and inp.round_method is not None:
+        return inp.round_method
+    return method_for_round(
+        inp.method, rnd, overshot=bool(audit) and overshot(audit), too_sure=too_sure(audit)
+    )
 
 
 def _execute(
@@ -405,12 +420,10 @@ def _execute(
     result: dict[str, Any] = {}
     audit: dict[str, Any] = {}
     for rnd in range(inp.audit_rounds, settings.audit_retries + 1):
+        method = round_settings(inp, rnd, audit)
         if rnd > inp.audit_rounds:
-            _set_audit_round(job_id, worker_id, rnd)
+            _set_audit_round(job_id, worker_id, rnd, method)
         _advance(job_id, worker_id, J.TRAINING, 0.05)
-        method = method_for_round(
-            inp.method, rnd, overshot=bool(audit) and overshot(audit), too_sure=too_sure(audit)
-        )
         result = _train(inp, method, previous, workdir / f"round{rnd}", beat, settings)
         _advance(job_id, worker_id, J.EVALUATING, 0.85)
         audit = audit_adapter(

@@ -35,6 +35,10 @@ class Job(Base):
     parent_version: Mapped[int | None] = mapped_column(Integer)
     # Audit retries done (an adapter that fails its audit is retrained, stronger).
     audit_rounds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The settings of the audit round in progress (None: round 0, as asked). A resumed
+    # job trains that round on with them: the retry's settings depend on the failed
+    # audit before it, which a new worker does not have.
+    round_method: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(String(2000))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -197,3 +197,22 @@ def test_subject_ref_decrypts_only_for_its_own_row(db, who, support):
     assert requests_svc.subject_ref(a) == "subject-0"
     with pytest.raises(DecryptionError):  # a ciphertext copied into another row
         get_cipher().decrypt(a.subject_ref_ciphertext, bound_to=f"{b.id}/subject")
+
+
+def test_a_retry_s_settings_are_stored_with_its_round_for_a_resumed_job(live_db):
+    """The pipeline writes the settings of the audit round it starts; the worker that
+    resumes the job reads them back (PostgreSQL, real commits)."""
+    from workers import pipeline
+
+    with live_db() as s:
+        f.requests(s, f.principal(s), 1, f.model(s))
+        [job_id] = dispatcher.batch_pending(s)
+        jobs.claim(s, job_id=job_id, worker_id="w1")
+        s.commit()
+    assert pipeline._read_input(job_id, "w1").round_method is None  # round 0: as asked
+    retry = {"name": "simnpo", "token_nll_cap": 8.0}
+    pipeline._set_audit_round(job_id, "w1", 1, retry)
+    inp = pipeline._read_input(job_id, "w1")
+    assert (inp.audit_rounds, inp.round_method) == (1, retry)
+    with pytest.raises(jobs.NotOwned):  # only the owner moves the round on
+        pipeline._set_audit_round(job_id, "w2", 2, retry)

@@ -11,8 +11,10 @@ from workers.ml.specs import DEFAULT_METHOD, SimNPO
 from workers.pipeline import (
     CALIBRATION_SCORE,
     RETRY_TOKEN_NLL_CAP,
+    JobInput,
     method_for_round,
     overshot,
+    round_settings,
     too_sure,
 )
 
@@ -88,3 +90,37 @@ def test_after_too_sure_the_retry_is_round_zero_with_the_token_nll_capped():
         npo, 1, overshot=True
     )
     assert method_for_round(npo, 1, overshot=True)["lr"] == 5e-4
+
+
+def _input(audit_rounds: int, round_method: dict | None) -> JobInput:
+    return JobInput(
+        model_source="m",
+        request_ids=["r"],
+        forget=[],
+        forget_owner=[],
+        holdout=[],
+        holdout_sizes=[],
+        retain=[],
+        method=dict(DEFAULT_METHOD),
+        parent_version=None,
+        parent_prefix=None,
+        audit_rounds=audit_rounds,
+        round_method=round_method,
+        policy={},
+        regression=[],
+        regression_owner=[],
+    )
+
+
+def test_a_job_resumed_in_a_retry_trains_on_with_the_settings_that_retry_started_with():
+    failed = _audit((CALIBRATION_SCORE, "privacy", 0.17))
+    capped = method_for_round(dict(DEFAULT_METHOD), 1, overshot=True, too_sure=True)
+    # the worker that ran round 0 chooses the retry from its audit
+    assert round_settings(_input(0, None), 1, failed) == capped
+    # a worker that resumes the retry has no audit: the stored settings decide
+    assert round_settings(_input(1, capped), 1, {}) == capped
+    # without them (a job from before the column) the plain retry, as before
+    assert round_settings(_input(1, None), 1, {}) == method_for_round(dict(DEFAULT_METHOD), 1)
+    # round 0 is always as asked, and a later round is chosen from its own audit
+    assert round_settings(_input(0, None), 0, {}) == DEFAULT_METHOD
+    assert round_settings(_input(1, capped), 2, failed)["token_nll_cap"] == RETRY_TOKEN_NLL_CAP / 2
