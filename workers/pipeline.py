@@ -266,10 +266,14 @@ def method_for_round(
     return out
 
 
+def _failed(audit: dict[str, Any]) -> list[dict[str, Any]]:
+    """The criteria the audit failed (none for no audit yet)."""
+    return list(audit.get("verdict", {}).get("failed", []))
+
+
 def _privacy_low(audit: dict[str, Any]) -> list[str]:
     """The membership tests the audit failed on the low side (docs/audit.md)."""
-    failed = audit.get("verdict", {}).get("failed", [])
-    return [c["name"] for c in failed if c["group"] == "privacy" and c["value"] < 0.5]
+    return [c["name"] for c in _failed(audit) if c["group"] == "privacy" and c["value"] < 0.5]
 
 
 def overshot(audit: dict[str, Any]) -> bool:
@@ -280,8 +284,7 @@ def overshot(audit: dict[str, Any]) -> bool:
 def too_sure(audit: dict[str, Any]) -> bool:
     """Whether the audit's one failure is Min-K%++ on the low side: the forgotten items
     as unlikely as never-seen ones by every other test, but surer of some other value."""
-    failed = audit.get("verdict", {}).get("failed", [])
-    return len(failed) == 1 and _privacy_low(audit) == [CALIBRATION_SCORE]
+    return len(_failed(audit)) == 1 and _privacy_low(audit) == [CALIBRATION_SCORE]
 
 
 # ---- liveness ------------------------------------------------------------------------
@@ -396,9 +399,7 @@ def round_settings(inp: JobInput, rnd: int, audit: dict[str, Any]) -> dict[str, 
     failed audit that chose them is not at hand any more."""
     if rnd == inp.audit_rounds and rnd > 0 and inp.round_method is not None:
         return inp.round_method
-    return method_for_round(
-        inp.method, rnd, overshot=bool(audit) and overshot(audit), too_sure=too_sure(audit)
-    )
+    return method_for_round(inp.method, rnd, overshot=overshot(audit), too_sure=too_sure(audit))
 
 
 def _execute(

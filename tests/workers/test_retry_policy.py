@@ -1,7 +1,7 @@
 """The audit retry's settings: stronger after a round that forgot too little, gentler
-after one that overshot (the erasure itself detectable), and only less calibration pull
-after one whose forgotten items ended surer of some other value than never-seen ones
-(the forget tokens' NLL capped)."""
+after one that overshot (the erasure itself detectable), and round 0 again with the
+forget tokens' NLL capped after one whose forgotten items ended surer of some other
+value than never-seen ones."""
 
 from __future__ import annotations
 
