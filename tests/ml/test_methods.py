@@ -1080,3 +1080,76 @@ def test_adam_beta1_reaches_the_optimizer(tiny_target, tmp_path):
     assert all(torch.equal(default[k], same[k]) for k in default)  # 0.9 is the default
     assert any(not torch.equal(default[k], less[k]) for k in default)
     assert runs[2].record["method"]["adam_beta1"] == 0.5
+
+
+LANDING = {  # SimNPO fast enough to fall well past a 0.9 x start level in one 4-step interval
+    "lr": 1e-2,
+    "max_steps": 24,
+    "eval_every": 4,
+    "checkpoint_every": 2,
+    "stop_target": "ratio",
+    "stop_forget_ratio": 0.9,
+}
+
+
+def test_bisect_finds_the_least_fraction_accepted():
+    from workers.ml.landing import bisect
+
+    tried: list[float] = []
+
+    def at_least(edge):
+        def probe(t):
+            tried.append(t)
+            return f"ok {t}" if t >= edge else None
+
+        return probe
+
+    assert bisect(at_least(0.3), 3) == (0.375, "ok 0.375")
+    assert tried == [0.5, 0.25, 0.375]
+    assert bisect(at_least(2.0), 3) == (1.0, None)  # none accepted: the caller keeps 1
+    assert bisect(at_least(0.0), 0) == (1.0, None)
+
+
+def test_blend_ends_are_the_two_states_exactly():
+    from workers.ml.landing import blend
+
+    before = {"w": torch.tensor([0.1, -2.0, 3.3])}
+    after = {"w": torch.tensor([0.7, 1.0, -1.1])}
+    assert torch.equal(blend(before, after, 0.0)["w"], before["w"])
+    assert torch.equal(blend(before, after, 1.0)["w"], after["w"])
+    assert blend(before, after, 1.0)["w"] is not after["w"]
+    assert torch.allclose(blend(before, after, 0.25)["w"], torch.tensor([0.25, -1.25, 2.2]))
+
+
+def test_a_landing_stops_nearer_the_level_and_publishes_the_landed_state(tiny_target, tmp_path):
+    """A check that finds the run forgotten far under its level bisects the adapter back
+    toward the last check: the run stops forgotten, nearer the level, and the adapter it
+    publishes is the state that landing probe measured."""
+    off = run_job(spec_for(tiny_target, "simnpo", **LANDING), tmp_path / "off")
+    on = run_job(spec_for(tiny_target, "simnpo", **LANDING, landing_probes=3), tmp_path / "on")
+    a, b = off.record["outcome"], on.record["outcome"]
+    level = 0.9 * a["base"]["forget_prob"]
+    assert a["stopped"] == b["stopped"] == "forgotten" and a["steps"] == b["steps"]
+    # the scenario does overshoot: the check lands well under the level
+    assert a["final"]["forget_prob"] < level - 0.05, a["evals"]
+    assert a["final"]["forget_prob"] < b["final"]["forget_prob"] <= level, b["evals"]
+    probes = [e for e in b["evals"] if "landing" in e]
+    assert len(probes) == 3 and all(e["step"] == b["steps"] for e in probes)
+    (landed,) = [e for e in probes if e["landed"] == 1.0]
+    assert 0 < landed["landing"] < 1
+    assert b["final"] == {k: v for k, v in landed.items() if k in b["final"]}
+    assert "retain_nll" in landed  # a state kept is read on the retain side too
+    # the published adapter is that blend: the run started from lora_B = 0, so the
+    # landed lora_B is the fraction of the unlanded run's (the same steps to the stop)
+    wa, wb = _adapter(off.adapter_dir), _adapter(on.adapter_dir)
+    lora_b = [k for k in wa if "lora_B" in k]
+    assert lora_b and all(
+        torch.allclose(wb[k], landed["landing"] * wa[k], atol=1e-7) for k in lora_b
+    )
+
+
+def test_a_run_resumed_before_its_landing_lands_the_same(tiny_target, tmp_path):
+    spec = spec_for(tiny_target, "simnpo", **LANDING, landing_probes=3)
+    full = run_job(spec, tmp_path / "full")
+    resumed = _resume_after_cut(spec, full, tmp_path / "cut", 3, 2)
+    assert resumed.record["outcome"]["evals"] == full.record["outcome"]["evals"]

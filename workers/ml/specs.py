@@ -153,6 +153,16 @@ class _MethodBase(BaseModel):
         "model's top choice, teacher-forced); a mean probability can reach the stop level "
         "while a few items keep theirs. None: the level alone",
     )
+    landing_probes: int = Field(
+        default=0,
+        ge=0,
+        le=8,
+        description="when a scope check first finds the forget items forgotten, bisect the "
+        "adapter between the last checked state within bounds and this one this many times "
+        "(each probe a scope check) and stop at the least-moved state found forgotten "
+        "within the retain bounds: the run lands near its stop level instead of up to "
+        "eval_every steps past it. 0: stop at the check",
+    )
     forget_pending_only: bool = Field(
         default=False,
         description="after each scope check, forget batches draw only on the items not yet "

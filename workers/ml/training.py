@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from workers.ml import landing
 from workers.ml import trunk as trunks
 from workers.ml.data import BatchOrder, Encoded, collate
 from workers.ml.losses import (
@@ -489,6 +490,44 @@ def pauses_forget(
     return forgotten(now, threshold, thresholds)
 
 
+def land(
+    model: Any,
+    spec: Any,
+    data: Datasets,
+    pad_id: int,
+    states: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+    bounds: tuple[dict[str, float], float | None, list[float] | None, list[bool]],
+    should_cancel: CancelFn | None,
+) -> list[dict[str, float]]:
+    """Bisect the trainable weights between `states` (the last checked state within
+    bounds, and the one a check just found forgotten: workers/ml/landing.py) and leave
+    the model at the least-moved one found forgotten within the retain bounds (the
+    second state when none is). Returns every probe's scope figures, each with its
+    fraction (`landing`) and whether it is the state the model is left in (`landed`)."""
+    before, after = states
+    base, threshold, thresholds, intact = bounds
+    tried: list[dict[str, float]] = []
+
+    def probe(t: float) -> dict[str, float] | None:
+        if should_cancel is not None and should_cancel():
+            raise Canceled("canceled while landing")
+        load_trainable(model, landing.blend(before, after, t))
+        logp, stated = measure_forget(model, data, pad_id, None, None, None)
+        now = forget_figures(logp, data, thresholds) | stated_share(stated)
+        ok = forgotten(now, threshold, thresholds, spec.stop_values_stated)
+        if ok:  # the retain side is read only for a state that could be kept
+            now |= scope_metrics(model, data, pad_id, logp, intact=intact)
+            ok = not retain_breached(spec, base, now)
+        tried.append(dict(now, landing=t, landed=0.0))
+        return tried[-1] if ok else None
+
+    t, found = landing.bisect(probe, spec.landing_probes)
+    load_trainable(model, landing.blend(before, after, t) if found is not None else after)
+    if found is not None:
+        found["landed"] = 1.0
+    return tried
+
+
 def _accumulate(
     logs: dict[str, float], loss: torch.Tensor, parts: dict[str, float], accum: int
 ) -> None:
@@ -691,9 +730,23 @@ def train(
                 paused = pauses_forget(spec, method, now, threshold, thresholds)
             else:
                 breaches, paused = 0, False
-                best_state, best_step = trainable_state(model), step
+                before, best_state, best_step = best_state, trainable_state(model), step
                 if forgotten(now, threshold, thresholds, spec.stop_values_stated):
                     stopped = "forgotten"
+                    if spec.landing_probes:
+                        t_land = time.perf_counter()
+                        landed = land(
+                            model,
+                            spec,
+                            data,
+                            pad_id,
+                            (before, best_state),
+                            (base, threshold, thresholds, intact),
+                            should_cancel,
+                        )
+                        evals += [dict(e, step=step) for e in landed]
+                        best_state = trainable_state(model)
+                        check_seconds += time.perf_counter() - t_land
                     break
             now_pending = pending_items(spec, data, latest, stated, threshold, thresholds)
             if now_pending != pending:
@@ -733,7 +786,10 @@ def train(
 
     # The model now holds best_state, which the check at best_step already measured
     # (a check is forced at max_steps, so only the retain guard leaves best_step < step).
-    measured = next(e for e in evals if e["step"] == best_step)
+    # After a landing, the last landing probe that was accepted (docs/engine.md, "Landing").
+    measured = next(
+        e for e in reversed(evals) if e["step"] == best_step and e.get("landed", 1.0) == 1.0
+    )
     final = {k: v for k, v in measured.items() if k in SCOPE_KEYS}
     return Outcome(
         steps=step,
