@@ -230,7 +230,8 @@ def method_for_round(
     other value than never-seen ones (`too_sure`: Min-K%++ alone on the low side; every
     other test passed, so the values are forgotten) is rerun as it was with each forget
     token's NLL capped (`token_nll_cap`, RETRY_TOKEN_NLL_CAP, halved for each further
-    round): the push then stops on a token once it is that unlikely instead of leaving
+    round; a cap round 0 already had is halved each round, or the rerun would repeat
+    round 0 to the last bit): the push then stops on a token once it is that unlikely instead of leaving
     the model near-certain of another token there. Every other setting stays: round 0's
     trajectory was sound, and the general retry below moves it (measured on the demo's
     assistant, docs/unlearning-defaults.md, "Ninth round").
@@ -248,7 +249,9 @@ def method_for_round(
         return out
     if too_sure and out.get("name") == "simnpo":
         cap = RETRY_TOKEN_NLL_CAP / 2 ** (rnd - 1)
-        out["token_nll_cap"] = min(cap, out.get("token_nll_cap") or cap)
+        if out.get("token_nll_cap"):  # a cap asked for is halved: the retry must differ
+            cap = min(cap, out["token_nll_cap"] / 2**rnd)
+        out["token_nll_cap"] = cap
         return out
     out["forget_weighting"] = "values"
     out["max_steps"] = min(10_000, out["max_steps"] * 2**rnd)

@@ -81,9 +81,11 @@ def test_after_too_sure_the_retry_is_round_zero_with_the_token_nll_capped():
     SimNPO.model_validate(again)  # a spec the engine takes
     tighter = method_for_round(dict(DEFAULT_METHOD), 2, overshot=True, too_sure=True)
     assert tighter["token_nll_cap"] == RETRY_TOKEN_NLL_CAP / 2
-    # a tighter cap already asked for stays
-    asked = method_for_round({**DEFAULT_METHOD, "token_nll_cap": 3.0}, 1, too_sure=True)
-    assert asked["token_nll_cap"] == 3.0
+    # a cap round 0 already had is halved each round: the same settings would give
+    # round 0's adapter again, to the last bit
+    for asked, rnd, cap in ((3.0, 1, 1.5), (8.0, 1, 4.0), (8.0, 2, 2.0), (20.0, 1, 8.0)):
+        again = method_for_round({**DEFAULT_METHOD, "token_nll_cap": asked}, rnd, too_sure=True)
+        assert again["token_nll_cap"] == cap, (asked, rnd)
     # another method has no such cap: the overshoot's retry as before
     npo = {"name": "npo", "lr": 1e-3, "max_steps": 48}
     assert method_for_round(npo, 1, overshot=True, too_sure=True) == method_for_round(
