@@ -231,10 +231,10 @@ def method_for_round(
     other test passed, so the values are forgotten) is rerun as it was with each forget
     token's NLL capped (`token_nll_cap`, RETRY_TOKEN_NLL_CAP, halved for each further
     round; a cap round 0 already had is halved each round, or the rerun would repeat
-    round 0 to the last bit): the push then stops on a token once it is that unlikely instead of leaving
-    the model near-certain of another token there. Every other setting stays: round 0's
-    trajectory was sound, and the general retry below moves it (measured on the demo's
-    assistant, docs/unlearning-defaults.md, "Ninth round").
+    round 0 to the last bit): the push then stops on a token once it is that unlikely
+    instead of leaving the model near-certain of another token there. Every other
+    setting stays: round 0's trajectory was sound, and the general retry below moves it
+    (measured on the demo's assistant, docs/unlearning-defaults.md, "Ninth round").
 
     Otherwise a retry puts the forget loss on the person's specific values (measured on
     the built-in model: lower forget probability for the same damage to retain data, see

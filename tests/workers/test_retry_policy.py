@@ -76,11 +76,15 @@ def test_too_sure_is_min_k_pp_alone_failed_on_the_low_side():
 
 
 def test_after_too_sure_the_retry_is_round_zero_with_the_token_nll_capped():
-    again = method_for_round(dict(DEFAULT_METHOD), 1, overshot=True, too_sure=True)
-    assert again == {**DEFAULT_METHOD, "token_nll_cap": RETRY_TOKEN_NLL_CAP}
+    uncapped = {**DEFAULT_METHOD, "token_nll_cap": None}
+    again = method_for_round(dict(uncapped), 1, overshot=True, too_sure=True)
+    assert again == {**uncapped, "token_nll_cap": RETRY_TOKEN_NLL_CAP}
     SimNPO.model_validate(again)  # a spec the engine takes
-    tighter = method_for_round(dict(DEFAULT_METHOD), 2, overshot=True, too_sure=True)
+    tighter = method_for_round(dict(uncapped), 2, overshot=True, too_sure=True)
     assert tighter["token_nll_cap"] == RETRY_TOKEN_NLL_CAP / 2
+    # the default has its own cap: the retry halves it
+    default = method_for_round(dict(DEFAULT_METHOD), 1, too_sure=True)
+    assert default == {**DEFAULT_METHOD, "token_nll_cap": DEFAULT_METHOD["token_nll_cap"] / 2}
     # a cap round 0 already had is halved each round: the same settings would give
     # round 0's adapter again, to the last bit
     for asked, rnd, cap in ((3.0, 1, 1.5), (8.0, 1, 4.0), (8.0, 2, 2.0), (20.0, 1, 8.0)):
@@ -125,4 +129,5 @@ def test_a_job_resumed_in_a_retry_trains_on_with_the_settings_that_retry_started
     assert round_settings(_input(1, None), 1, {}) == method_for_round(dict(DEFAULT_METHOD), 1)
     # round 0 is always as asked, and a later round is chosen from its own audit
     assert round_settings(_input(0, None), 0, {}) == DEFAULT_METHOD
-    assert round_settings(_input(1, capped), 2, failed)["token_nll_cap"] == RETRY_TOKEN_NLL_CAP / 2
+    cap = DEFAULT_METHOD["token_nll_cap"]
+    assert round_settings(_input(1, capped), 2, failed)["token_nll_cap"] == cap / 4  # type: ignore[operator]

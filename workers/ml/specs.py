@@ -316,6 +316,12 @@ METHOD_NAMES = ("ga", "graddiff", "npo", "simnpo", "relabel", "idk", "rmu")
 # never saw, failed the audit's Min-K%++ test high without it on two CPUs), and the
 # stop waiting until at most 1 of 20 forget items still states its values (with the
 # entropy term alone one set of people stopped with 2 of 20 and failed the value leak).
+# Tenth round: each forget token's NLL capped at 8 (the demo's erasure failed Min-K%++
+# low without it: one position per answer near-certain of another token), and the stop
+# landed by 3 bisection probes between the last two checks (with the cap alone one set
+# of people fell from 0.32 to 0.07 against a level of 0.43 in the last 4 steps and
+# failed every membership test low), waiting for no forget item still stating its
+# values (landed where 1 of 20 still did, the audit found 2 of 16 leaking).
 DEFAULT_METHOD: dict[str, object] = {
     "name": "simnpo",
     "delta": "holdout",
@@ -331,7 +337,9 @@ DEFAULT_METHOD: dict[str, object] = {
     "retain_eval_items": 24,
     "retain_patience": 3,
     "entropy_match": 0.2,
-    "stop_values_stated": 0.05,
+    "token_nll_cap": 8.0,
+    "landing_probes": 3,
+    "stop_values_stated": 0.0,
 }
 
 
