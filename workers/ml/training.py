@@ -786,7 +786,8 @@ def train(
 
     # The model now holds best_state, which the check at best_step already measured
     # (a check is forced at max_steps, so only the retain guard leaves best_step < step).
-    # After a landing, the last landing probe that was accepted (docs/engine.md, "Landing").
+    # After a landing, the accepted probe the model was left at (docs/engine.md, "Scope
+    # control", Landing).
     measured = next(
         e for e in reversed(evals) if e["step"] == best_step and e.get("landed", 1.0) == 1.0
     )
