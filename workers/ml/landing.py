@@ -1,11 +1,11 @@
 """Landing (`landing_probes`): a scope check every `eval_every` steps sees the forget
 items cross their stop level only up to that many steps late, and the forget side can
 fall far in those steps (docs/unlearning-defaults.md, "Tenth round": 0.32 -> 0.07 in
-four steps against a level of 0.43). When a check first finds the run forgotten, the adapter is bisected
-between the last checked state within bounds (not forgotten) and this one, and the run
-stops at the least-moved state that a full scope check finds forgotten and within the
-retain bounds. Each probe is one scope check (the retain side only for a state that
-could be kept); no step is taken.
+four steps against a level of 0.43). When a check first finds the run forgotten, the
+adapter is bisected between the last checked state within bounds (not forgotten) and
+this one, and the run stops at the least-moved state that a full scope check finds
+forgotten and within the retain bounds. Each probe is one scope check (the retain
+side only for a state that could be kept); no step is taken.
 
 The path is the straight line between the two states' trainable weights (LoRA's A and
 B each), so its ends are exactly the two checked states."""
