@@ -13,9 +13,12 @@ from peft import LoraConfig, get_peft_model
 from tests.ml.targets import FORGET, RETAIN, TINY_ANSWER_GUARD_OFF
 from workers.audit.policy import AuditPolicy
 from workers.audit.run import AuditInput, audit_adapter, judge_report
-from workers.ml import loading
+from workers.ml import loading, stand_ins
+from workers.ml.answers import AnswerCheck
+from workers.ml.data import encode_all
 from workers.ml.run import run_job
 from workers.ml.specs import JobSpec
+from workers.ml.training import spread
 
 UNLEARN = {
     "name": "simnpo",
@@ -70,6 +73,18 @@ def test_the_base_model_fails_the_audit(tiny_target, tmp_path):
     assert leak["after"] == leak["before"] > 0 and "forget_value_leak" in _failed(report)
     kept = report["metrics"]["retain_answers_kept"]
     assert kept["answers"] > 0 and kept["after"] == 1.0  # the base model breaks no answer
+    # the engine's answer check (`stop_answers_leak`) finds what the audit finds
+    model, tok = loading.load(loading.resolve(tiny_target), loading.pick_placement("cpu"))
+    holdout = stand_ins.synthesize(FORGET, seed=0)  # the audit's, as it made them
+    check = AnswerCheck.build(
+        tok, (FORGET, encode_all(tok, FORGET, 256)), (holdout, encode_all(tok, holdout, 256))
+    )
+    assert check is not None and check.leaking(model)[1] == leak["before"]
+    assert check.chance_share(model) == report["metrics"]["holdout_value_leak"]["before"]
+    idx = spread(len(RETAIN), 24)  # the audit's retain sample, and the job's
+    sample = [RETAIN[i] for i in idx]
+    check.with_retain(sample, encode_all(tok, sample, 256), idx)
+    assert len(check.retain_stating(model)) == kept["answers"]
 
 
 def test_a_gibberish_model_fails_utility_and_fluency(tiny_target, tmp_path):

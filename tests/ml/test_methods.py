@@ -1153,3 +1153,122 @@ def test_a_run_resumed_before_its_landing_lands_the_same(tiny_target, tmp_path):
     full = run_job(spec, tmp_path / "full")
     resumed = _resume_after_cut(spec, full, tmp_path / "cut", 3, 2)
     assert resumed.record["outcome"]["evals"] == full.record["outcome"]["evals"]
+
+
+def test_answers_clear_reads_the_greedy_answers_only_when_asked():
+    from workers.ml.training import Datasets, answers_clear
+
+    class Check:
+        calls = 0
+
+        def leaking(self, model):
+            Check.calls += 1
+            return [3, 5], 0.25
+
+    data = Datasets(forget=[], retain=[], answer_check=Check())
+    now: dict[str, float] = {}
+    off, strict = (types.SimpleNamespace(stop_answers_leak=v) for v in (None, 0.0))
+    assert answers_clear(None, off, data, now, {}) == (True, [])
+    assert now == {} and Check.calls == 0
+    assert answers_clear(None, strict, data, now, {}) == (False, [3, 5])
+    assert now == {"forget_leaking": 0.25} and Check.calls == 1
+    # allowed above chance: what the holdout items' answers state at step 0
+    assert answers_clear(None, strict, data, now, {"holdout_leaking": 0.25})[0]
+    audit_like = types.SimpleNamespace(stop_answers_leak=0.1)
+    assert answers_clear(None, audit_like, data, now, {"holdout_leaking": 0.15})[0]
+    assert not answers_clear(None, audit_like, data, now, {"holdout_leaking": 0.1})[0]
+
+
+def test_a_run_forgotten_while_its_greedy_answers_leak_goes_on(tiny_target, tmp_path, monkeypatch):
+    """The level reached while a greedy answer still states a value is not forgotten
+    (`stop_answers_leak`): the run goes on, pushing only the leaking items, and stops at
+    the first check whose answers are clear, recording the share at every check that
+    read them."""
+    from workers.ml.answers import AnswerCheck
+
+    level = {"max_steps": 60, "stop_target": "ratio", "stop_forget_ratio": 0.5}
+    plain = run_job(spec_for(tiny_target, "simnpo", **level), tmp_path / "a")
+    stop = plain.record["outcome"]["steps"]
+    real = AnswerCheck.leaking
+    seen: list[float] = []
+
+    def leaking_twice(self, model):  # the real decode, then item 2 reported twice
+        seen.append(real(self, model)[1])
+        return ([2], 1.0) if len(seen) <= 2 else ([], 0.0)
+
+    monkeypatch.setattr(AnswerCheck, "leaking", leaking_twice)
+    strict = run_job(
+        spec_for(tiny_target, "simnpo", **level, stop_answers_leak=0.0), tmp_path / "b"
+    )
+    b = strict.record["outcome"]
+    assert "holdout_leaking" in b["base"]  # chance, read once at step 0
+    read = [e for e in b["evals"] if "forget_leaking" in e]
+    assert [e["forget_leaking"] for e in read] == [1.0, 1.0, 0.0]
+    assert read[0]["step"] == stop and b["stopped"] == "forgotten"
+    assert b["steps"] == read[-1]["step"] > stop and b["final"]["forget_leaking"] == 0.0
+    assert all(0.0 <= s <= 1.0 for s in seen)
+    # checks under the level never decode: only those otherwise forgotten
+    assert all(e["forget_prob"] <= 0.5 * b["base"]["forget_prob"] for e in read)
+    # until the answers were clear, the forget batches drew on the leaking item alone
+    assert [e.get("forget_pending") for e in read] == [1.0, 1.0, None]
+    pushed = [c["step"] for c in b["curve"] if c["step"] > stop]
+    assert pushed  # steps were taken after the level was reached
+
+
+def test_a_landed_state_whose_answers_leak_trains_on_from_there(tiny_target, tmp_path, monkeypatch):
+    """The landing brings the run back to its level; if the answers there still leak,
+    the run goes on from the landed state (not from the overshoot), pushing only the
+    leaking items, and lands only once."""
+    from workers.ml.answers import AnswerCheck
+
+    calls: list[int] = []
+
+    def leaking_once(self, model):
+        calls.append(1)
+        return ([2], 1.0) if len(calls) == 1 else ([], 0.0)
+
+    monkeypatch.setattr(AnswerCheck, "leaking", leaking_once)
+    spec = spec_for(tiny_target, "simnpo", **LANDING, landing_probes=3, stop_answers_leak=0.0)
+    b = run_job(spec, tmp_path / "b").record["outcome"]
+    probes = [e for e in b["evals"] if "landing" in e]
+    assert len(probes) == 3 and len({e["step"] for e in probes}) == 1  # one landing
+    (landed,) = [e for e in probes if e["landed"] == 1.0]
+    assert landed["forget_leaking"] == 1.0 and landed["forget_pending"] == 1.0
+    assert b["stopped"] == "forgotten" and b["steps"] > landed["step"]
+    assert b["final"]["forget_leaking"] == 0.0 and len(calls) == 2
+    # the steps after the landing started from the landed state: the first check after
+    # it is nearer the level than the overshoot the landing came back from
+    overshoot = next(e for e in b["evals"] if e["step"] == landed["step"] and "landing" not in e)
+    after = next(e for e in b["evals"] if e["step"] > landed["step"])
+    assert overshoot["forget_prob"] < landed["forget_prob"]
+    assert after["forget_prob"] > overshoot["forget_prob"], b["evals"]
+
+
+def test_a_stop_that_changed_other_answers_repairs_them_first(tiny_target, tmp_path, monkeypatch):
+    """`stop_answers_kept`: a state otherwise forgotten whose greedy retain answers no
+    longer state values they stated at step 0 is not a stop: the broken ones join the
+    repair focus, the forget push pauses (the forget side is at its level), and the run
+    stops at the first check that finds them given again."""
+    from workers.ml.answers import AnswerCheck
+
+    said = [[0, 1, 2], [0, 1], [0, 1, 2]]  # step 0, the first stop, the next
+
+    def stating(self, model):
+        return said.pop(0) if len(said) > 1 else said[0]
+
+    monkeypatch.setattr(AnswerCheck, "retain_stating", stating)
+    level = {"max_steps": 60, "stop_target": "ratio", "stop_forget_ratio": 0.5}
+    plain = run_job(spec_for(tiny_target, "simnpo", **level), tmp_path / "a")
+    stop = plain.record["outcome"]["steps"]
+    strict = run_job(
+        spec_for(tiny_target, "simnpo", **level, stop_answers_kept=0.0), tmp_path / "b"
+    )
+    b = strict.record["outcome"]
+    assert b["base"]["retain_answers_known"] == 3.0
+    read = [e for e in b["evals"] if "retain_answers_kept" in e]
+    assert [e["retain_answers_kept"] for e in read] == [pytest.approx(2 / 3), 1.0]
+    assert read[0]["step"] == stop and b["stopped"] == "forgotten"
+    assert b["steps"] == read[1]["step"] > stop
+    # the steps between repaired only: the forget push paused, the retain focus on item 2
+    between = [c for c in b["curve"] if stop < c["step"] <= b["steps"]]
+    assert between and all(c.get("forget_paused") == 1.0 for c in between)

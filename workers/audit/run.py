@@ -28,8 +28,8 @@ from workers.audit.quantize import fake_quantized
 from workers.audit.scores import MIA_SCORES, auc, example_metrics, token_stats
 from workers.audit.text import is_gibberish, leaks, repetition_rate, rouge_l_recall
 from workers.ml import loading, stand_ins
-from workers.ml.data import Encoded, collate, encode_all, prompt_ids
-from workers.ml.evaluate import contains_any, general_knowledge, greedy_from_ids
+from workers.ml.data import Encoded, collate, encode_all, prompt_ids, prompts_and_references
+from workers.ml.evaluate import answer_budget, contains_any, general_knowledge, greedy_from_ids
 from workers.ml.losses import mean_nll
 from workers.ml.training import spread
 from workers.ml.values import specific_values
@@ -78,15 +78,7 @@ class _Set:
     @classmethod
     def build(cls, tok: Any, items: list[dict[str, str]], max_length: int) -> _Set:
         encoded = encode_all(tok, items, max_length)
-        prompts, refs = [], []
-        for item, enc in zip(items, encoded, strict=True):
-            if "text" in item:
-                cut = next(k for k, t in enumerate(enc.labels) if t != -100)
-                prompts.append(enc.input_ids[:cut])
-                refs.append(tok.decode(enc.input_ids[cut:], skip_special_tokens=True))
-            else:
-                prompts.append(prompt_ids(tok, item["prompt"]))
-                refs.append(item["completion"])
+        prompts, refs = prompts_and_references(tok, items, encoded)
         return cls(items, encoded, prompts, refs, [specific_values(i) for i in items])
 
     def since(self, start: int) -> _Set:
@@ -118,8 +110,7 @@ class _Auditor:
         self.model = PeftModel.from_pretrained(base, str(inp.adapter_dir), adapter_name="after")
         self.model.eval()
         self.pad = self.tok.pad_token_id
-        n = max(16, max((len(self.tok(r).input_ids) for r in self._refs()), default=16) + 8)
-        self.max_new = min(64, n)
+        self.max_new = answer_budget(self.tok, self._refs())
 
     def _refs(self) -> list[str]:
         return [i.get("completion") or i.get("text", "") for i in self.inp.forget]

@@ -61,6 +61,25 @@ def encode_all(
     return [encode_item(tok, item, max_length) for item in items]
 
 
+def prompts_and_references(
+    tok: PreTrainedTokenizerBase, items: list[dict[str, str]], encoded: list[Encoded]
+) -> tuple[list[list[int]], list[str]]:
+    """Each item's generation prompt (a QA item's chat prompt, a raw text's prefix as
+    encoded) and the reference its answer is compared with: what the audit decodes from,
+    and the engine's answer check too."""
+    prompts: list[list[int]] = []
+    refs: list[str] = []
+    for item, enc in zip(items, encoded, strict=True):
+        if "text" in item:
+            cut = next(k for k, t in enumerate(enc.labels) if t != IGNORE)
+            prompts.append(enc.input_ids[:cut])
+            refs.append(str(tok.decode(enc.input_ids[cut:], skip_special_tokens=True)))
+        else:
+            prompts.append(prompt_ids(tok, item["prompt"]))
+            refs.append(item["completion"])
+    return prompts, refs
+
+
 def rare_token_weights(forget: list[Encoded], others: list[Encoded]) -> list[list[float]]:
     """Per-position weights for the forget loss: 1/df of each target token, df = how many
     target sequences (forget and retain) contain it, scaled to mean 1 per item.

@@ -27,6 +27,13 @@ def greedy_answers(
     return greedy_from_ids(model, tok, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
+def answer_budget(tok: Any, references: list[str]) -> int:
+    """New tokens a greedy answer may take: room for the longest reference and 8 more,
+    at least 16 and at most 64 (the audit's decoding, and the engine's answer check)."""
+    longest = max((len(tok(r).input_ids) for r in references), default=16)
+    return min(64, max(16, longest + 8))
+
+
 @torch.no_grad()
 def greedy_from_ids(
     model: Any, tok: Any, rows: list[list[int]], *, max_new_tokens: int = 32, batch_size: int = 64

@@ -19,6 +19,7 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from workers.ml import adapters, loading, losses, methods, stand_ins
+from workers.ml.answers import AnswerCheck
 from workers.ml.data import encode_all, rare_token_weights, value_token_weights
 from workers.ml.lean_lora import keep_inputs_16bit
 from workers.ml.memwatch import PeakRSS, tune_heap
@@ -147,6 +148,11 @@ def _run(
         data.retain_sample_masks = guard_masks(tok, data, retain)
     if m.stop_values_stated is not None:
         data.forget_value_masks = value_token_weights(tok, forget, data.forget, other=0.0)
+    if m.stop_answers_leak is not None or m.stop_answers_kept is not None:
+        data.answer_check = AnswerCheck.build(tok, (forget, data.forget), (holdout, data.holdout))
+    if m.stop_answers_kept is not None and data.answer_check is not None and retain:
+        idx = data.retain_indices()
+        data.answer_check.with_retain([retain[i] for i in idx], [data.retain[i] for i in idx], idx)
     if m.forget_weighting == "rare":
         data.forget_weights = rare_token_weights(data.forget, data.retain)
     elif m.forget_weighting == "values":

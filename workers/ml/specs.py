@@ -153,6 +153,28 @@ class _MethodBase(BaseModel):
         "model's top choice, teacher-forced); a mean probability can reach the stop level "
         "while a few items keep theirs. None: the level alone",
     )
+    stop_answers_leak: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="also required to stop as forgotten (and for a landing probe to be "
+        "kept): the share of the forget items whose greedy answers still state their "
+        "values (the audit's value-leak rule) is at most this much above the holdout "
+        "items' share at step 0 (values stated by chance), as the audit's "
+        "forget_value_leak judges it. Read only for a state otherwise forgotten (one "
+        "greedy decode of the forget prompts). None: not read",
+    )
+    stop_answers_kept: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="also required to stop as forgotten: of the retain sample's items "
+        "whose greedy answers state their values at step 0 (the audit's rule), at most "
+        "this share no longer do, as the audit's retain_answers_kept judges it. Otherwise "
+        "those join the repair focus and, the forget side being at its level, the steps "
+        "to the next check repair only. Read only for a state otherwise forgotten (one "
+        "greedy decode of the retain sample). None: not read",
+    )
     landing_probes: int = Field(
         default=0,
         ge=0,

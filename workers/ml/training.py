@@ -31,6 +31,7 @@ import torch
 
 from workers.ml import landing
 from workers.ml import trunk as trunks
+from workers.ml.answers import AnswerCheck
 from workers.ml.data import BatchOrder, Encoded, collate
 from workers.ml.losses import (
     logp_and_entropy,
@@ -52,6 +53,8 @@ SCOPE_KEYS = (
     "retain_nll",
     "retain_kept",
     "forget_groups_left",
+    "forget_leaking",
+    "retain_answers_kept",
 )
 
 
@@ -85,6 +88,8 @@ class Datasets:
     holdout_groups: list[list[int]] = field(default_factory=list)
     # per-token masks of the forget items' specific values (`stop_values_stated`)
     forget_value_masks: list[list[float]] | None = None
+    # the forget items' greedy answers against their values (`stop_answers_leak`)
+    answer_check: AnswerCheck | None = None
 
     def retain_sample(self) -> list[Encoded]:
         """The retain items the scope check measures: `retain_eval` of them, evenly
@@ -285,6 +290,37 @@ def forgotten(
     if thresholds is not None:
         return now["forget_groups_left"] == 0
     return threshold is not None and now["forget_prob"] <= threshold
+
+
+def answers_clear(
+    model: Any, spec: Any, data: Datasets, now: dict[str, float], base: dict[str, float]
+) -> tuple[bool, list[int]]:
+    """With `stop_answers_leak`: whether the share of the forget items' greedy answers
+    that state their values (the audit's rule) is at most that much above the holdout
+    items' share at step 0 (`base["holdout_leaking"]`: chance), as the audit's
+    `forget_value_leak` judges it, and the items still leaking. The share is recorded in
+    `now` as `forget_leaking`. Read only for a state otherwise forgotten: a greedy decode
+    costs about a scope check."""
+    if spec.stop_answers_leak is None or data.answer_check is None:
+        return True, []
+    leaking, now["forget_leaking"] = data.answer_check.leaking(model)
+    limit = base.get("holdout_leaking", 0.0) + spec.stop_answers_leak
+    return now["forget_leaking"] <= limit + 1e-9, leaking
+
+
+def answers_broken(
+    model: Any, spec: Any, data: Datasets, now: dict[str, float], known: list[int]
+) -> list[int] | None:
+    """With `stop_answers_kept`: the retain items among `known` (those whose greedy
+    answers stated their values at step 0) that no longer do, when more of them than
+    that share allows (the audit's `retain_answers_kept`), else None; the share kept is
+    recorded in `now` as `retain_answers_kept`."""
+    if spec.stop_answers_kept is None or data.answer_check is None or not known:
+        return None
+    stating = set(data.answer_check.retain_stating(model))
+    broken = [i for i in known if i not in stating]
+    now["retain_answers_kept"] = 1 - len(broken) / len(known)
+    return broken if len(broken) / len(known) > spec.stop_answers_kept + 1e-9 else None
 
 
 def stop_threshold(spec: Any, base: dict[str, float]) -> float | None:
@@ -593,6 +629,7 @@ def train(
             trunk.restore(ck["trunk"])
         latest = ck.get("latest")  # None (an older checkpoint): the next check reads all
         stated = ck.get("stated")
+        known: list[int] = ck.get("answers_known", [])
         curve, evals, tokens = ck["curve"], ck["evals"], ck["tokens"]
         resumed_from: int | None = step
     else:
@@ -636,6 +673,13 @@ def train(
         if entropies is not None:
             entropy = entropies.mean().item()
             base["holdout_entropy"] = refs.extra["holdout_entropy"] = entropy
+        if spec.stop_answers_leak is not None and data.answer_check is not None:
+            # chance: the values the start states about people it never saw
+            base["holdout_leaking"] = data.answer_check.chance_share(model)
+        known = []  # the retain items whose greedy answers state their values
+        if spec.stop_answers_kept is not None and data.answer_check is not None:
+            known = data.answer_check.retain_stating(model)
+            base["retain_answers_known"] = float(len(known))
         thresholds = group_thresholds(spec, data, initial, holdout_logp)
         latest = initial
         if thresholds is not None:
@@ -716,6 +760,7 @@ def train(
             check_seconds += time.perf_counter() - t_check
             evals.append(dict(now, step=step))
             previous, last_kept = last_kept, now.get("retain_kept")
+            leaking: list[int] = []  # the forget items whose greedy answers still leak
             if retain_breached(spec, base, now):
                 # the retain term may still pull it back within bounds
                 breaches += 0 if repairing(spec, last_kept, previous) else 1
@@ -732,9 +777,9 @@ def train(
                 breaches, paused = 0, False
                 before, best_state, best_step = best_state, trainable_state(model), step
                 if forgotten(now, threshold, thresholds, spec.stop_values_stated):
-                    stopped = "forgotten"
-                    if spec.landing_probes:
-                        t_land = time.perf_counter()
+                    t_stop = time.perf_counter()
+                    at = evals[-1]
+                    if spec.landing_probes and not any("landing" in e for e in evals):
                         landed = land(
                             model,
                             spec,
@@ -744,16 +789,40 @@ def train(
                             (base, threshold, thresholds, intact),
                             should_cancel,
                         )
-                        evals += [dict(e, step=step) for e in landed]
+                        probes = [dict(e, step=step) for e in landed]
+                        evals += probes
+                        at = next((e for e in probes if e["landed"]), at)
                         best_state = trainable_state(model)
-                        check_seconds += time.perf_counter() - t_land
-                    break
-            now_pending = pending_items(spec, data, latest, stated, threshold, thresholds)
+                    clear, leaking = answers_clear(model, spec, data, at, base)
+                    unkept = answers_broken(model, spec, data, at, known) if clear else None
+                    check_seconds += time.perf_counter() - t_stop
+                    if unkept:  # other people's answers changed: repair them first
+                        clear = False
+                        data.repair += [i for i in unkept if i not in data.repair]
+                        retain_order, focus_order = retain_orders(spec, data, retain_bs)
+                        paused = pauses_forget(spec, method, now, threshold, thresholds)
+                    if clear:
+                        stopped = "forgotten"
+                        break
+                    if "landing" in at:  # trains on from a landed state
+                        # AdamW's running mean still points where the landing came back
+                        # from: it would carry the weights there again
+                        for moments in optimizer.state.values():
+                            moments["exp_avg"].zero_()
+            # at the level but some answers still leak: push only those until the next
+            # check (the rest stay at the level instead of sinking under it)
+            now_pending = (
+                sorted(leaking)
+                if leaking
+                else pending_items(spec, data, latest, stated, threshold, thresholds)
+            )
             if now_pending != pending:
                 pending = now_pending
                 forget_order = forget_orders(spec, data, pending)
             if spec.forget_pending_only:
                 evals[-1]["forget_pending"] = float(len(pending) or len(data.forget))
+            elif leaking:  # on the entry whose answers were read
+                at["forget_pending"] = float(len(pending))
         if step % spec.checkpoint_every == 0 and step < spec.max_steps:
             _save_checkpoint(
                 ckpt_path,
@@ -775,6 +844,7 @@ def train(
                     "group_thresholds": thresholds,
                     "latest": latest,
                     "stated": stated,
+                    "answers_known": known,
                     "trunk": trunk.state() if trunk is not None else None,
                     "curve": curve,
                     "evals": evals,
