@@ -110,10 +110,7 @@ class _Auditor:
         self.model = PeftModel.from_pretrained(base, str(inp.adapter_dir), adapter_name="after")
         self.model.eval()
         self.pad = self.tok.pad_token_id
-        self.max_new = answer_budget(self.tok, self._refs())
-
-    def _refs(self) -> list[str]:
-        return [i.get("completion") or i.get("text", "") for i in self.inp.forget]
+        self.max_new = answer_budget(self.tok, self.inp.forget)
 
     @contextlib.contextmanager
     def state(self, name: str) -> Iterator[None]:

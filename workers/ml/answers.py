@@ -62,9 +62,7 @@ class AnswerCheck:
         mine = _answers(tok, *forget)
         if mine is None:
             return None
-        # the audit's budget, from the same texts (a raw text item's whole text)
-        refs = [i.get("completion") or i.get("text", "") for i in forget[0]]
-        return cls(tok, mine, _answers(tok, *holdout), answer_budget(tok, refs))
+        return cls(tok, mine, _answers(tok, *holdout), answer_budget(tok, forget[0]))
 
     def with_retain(
         self, items: list[dict[str, str]], encoded: list[Encoded], index: list[int]
@@ -73,7 +71,8 @@ class AnswerCheck:
         self.retain = _answers(self.tok, items, encoded, index)
         return self
 
-    def _leaking(self, model: Any, answers: _Answers) -> list[int]:
+    def _stating(self, model: Any, answers: _Answers) -> list[int]:
+        """The `answers.index` items whose greedy answers state their values."""
         said = greedy_from_ids(model, self.tok, answers.prompts, max_new_tokens=self.max_new_tokens)
         pairs = zip(answers.index, said, answers.values, strict=True)
         return [i for i, a, v in pairs if leaks(a, v)]
@@ -82,16 +81,16 @@ class AnswerCheck:
         """The forget items whose greedy answers state their values (the audit's `leaks`:
         any identifying value, or more than half of the others), and their share of the
         items that state values."""
-        found = self._leaking(model, self.forget)
+        found = self._stating(model, self.forget)
         return found, len(found) / len(self.forget.index)
 
     def chance_share(self, model: Any) -> float:
         """The same share on the holdout items (0 without any that state values)."""
         if self.holdout is None:
             return 0.0
-        return len(self._leaking(model, self.holdout)) / len(self.holdout.index)
+        return len(self._stating(model, self.holdout)) / len(self.holdout.index)
 
     def retain_stating(self, model: Any) -> list[int]:
         """The retain items (indices in the retain set) whose greedy answers state their
         values by the same rule."""
-        return self._leaking(model, self.retain) if self.retain is not None else []
+        return self._stating(model, self.retain) if self.retain is not None else []

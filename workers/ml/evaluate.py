@@ -27,10 +27,12 @@ def greedy_answers(
     return greedy_from_ids(model, tok, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
-def answer_budget(tok: Any, references: list[str]) -> int:
-    """New tokens a greedy answer may take: room for the longest reference and 8 more,
-    at least 16 and at most 64 (the audit's decoding, and the engine's answer check)."""
-    longest = max((len(tok(r).input_ids) for r in references), default=16)
+def answer_budget(tok: Any, items: list[dict[str, str]]) -> int:
+    """New tokens a greedy answer to `items` may take: room for the longest item (a QA
+    item's completion, a raw text item's whole text) and 8 more, at least 16 and at most
+    64 (the audit's decoding, and the engine's answer check)."""
+    texts = [i.get("completion") or i.get("text", "") for i in items]
+    longest = max((len(tok(t).input_ids) for t in texts), default=16)
     return min(64, max(16, longest + 8))
 
 

@@ -88,7 +88,7 @@ class Datasets:
     holdout_groups: list[list[int]] = field(default_factory=list)
     # per-token masks of the forget items' specific values (`stop_values_stated`)
     forget_value_masks: list[list[float]] | None = None
-    # the forget items' greedy answers against their values (`stop_answers_leak`)
+    # greedy answers judged the audit's way (`stop_answers_leak`, `stop_answers_kept`)
     answer_check: AnswerCheck | None = None
 
     def retain_sample(self) -> list[Encoded]:
