@@ -123,15 +123,22 @@ def main() -> None:
         )
         t = time.perf_counter()
         res = run_job(spec, work)
+        rec, outcome = res.record, res.record["outcome"]
         print(
             f"{name}: trained in {time.perf_counter() - t:.0f}s, "
-            f"stopped {res.record['outcome']['stopped']}",
+            f"stopped {outcome['stopped']} after {outcome['steps']} steps; training "
+            f"{outcome['seconds']:.1f} s (checks {outcome['check_seconds']:.1f} s), job peak "
+            f"{rec['job_peak_rss_bytes'] / 2**30:.3f} GiB, {rec['environment']['dtype']}, "
+            f"attention {rec['environment'].get('attention')}",
             flush=True,
         )
         runs[name] = res.adapter_dir
         trained[name] = {
             "train_s": round(time.perf_counter() - t, 1),
-            **{k: res.record["outcome"][k] for k in ("stopped", "steps", "best_step")},
+            "training_s": round(outcome["seconds"], 1),
+            "check_s": round(outcome["check_seconds"], 1),
+            "job_peak_rss_gib": round(rec["job_peak_rss_bytes"] / 2**30, 3),
+            **{k: outcome[k] for k in ("stopped", "steps", "best_step")},
         }
 
     for name, adapter in runs.items():

@@ -228,7 +228,44 @@ def load(
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=placement.dtype)
     model.to(placement.device)  # type: ignore[arg-type]  # transformers' stub is too narrow
+    use_attention(model, attention_for(placement))
     return model, tokenizer
+
+
+# An operator's choice of attention kernel for every model this process loads
+# (transformers' names: "eager", "sdpa", ...); unset: `attention_for` decides.
+ATTENTION_ENV = "UNLEARN_ATTENTION"
+
+
+def attention_for(placement: Placement) -> str | None:
+    """The attention kernel to run, None: the model's own choice (PyTorch's SDPA).
+    On the CPU in 16-bit, the plain matrix-product attention: SDPA's fused CPU kernel in
+    bfloat16 took 4-5x as long for a forward and backward pass at a job's sizes (8 rows
+    of 43-67 tokens, 9 heads: 16.0 against 3.4 ms a layer), about a fifth of a step,
+    and gave the shared-prefix forward's logits off by up to 1.06 where the plain one
+    gives them bit for bit (docs/engine.md, "Attention on the CPU")."""
+    chosen = os.environ.get(ATTENTION_ENV)
+    if chosen:
+        return chosen
+    if placement.device.type == "cpu" and placement.dtype in (torch.bfloat16, torch.float16):
+        return "eager"
+    return None
+
+
+def use_attention(model: Any, name: str | None) -> None:
+    """Switch `model` to the attention kernel `name` where it has one by that name."""
+    if name is None or getattr(model.config, "_attn_implementation", None) == name:
+        return
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, ImportError, AttributeError, NotImplementedError):
+        pass  # an architecture without it keeps its own
+
+
+def attention_of(model: Any) -> str | None:
+    """The attention kernel `model` runs (for the job's record)."""
+    inner = getattr(model, "get_base_model", lambda: model)()
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None)
 
 
 def _safetensors_checkpoint(folder: Path) -> list[Path]:

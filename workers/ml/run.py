@@ -206,6 +206,7 @@ def _run(
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
             "cpu": loading.cpu_description(),
+            "attention": loading.attention_of(model),
             "shared_prefix": losses.shared_prefix_used(model),
             "lean_lora_layers": lean_layers,
             "trunk": trunk_record(trunk, losses.trunk_paths(model)),
