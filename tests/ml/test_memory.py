@@ -297,3 +297,39 @@ def test_converting_a_float32_file_to_bfloat16_keeps_one_copy_resident(tmp_path)
     # transformers' own working memory in both)
     assert mapped > 1.3 * size  # the file's pages and the bfloat16 copy
     assert read < mapped - 0.6 * size  # the file's pages are not among them
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("alpha", [16.0, 12.0])  # scaling 2 (folded into lora_B) and 1.5
+def test_lora_summed_in_place_gives_peft_s_numbers_bit_for_bit(tiny_target, dtype, alpha):
+    """sum_in_place: the same logits and LoRA gradients as PEFT's own forward, in either
+    dtype, with a scaling folded into lora_B's weight or multiplied in place; the
+    disabled adapter (the reference model) is still the base model."""
+    from workers.ml import losses
+    from workers.ml.data import collate, encode_all
+    from workers.ml.lean_lora import keep_inputs_16bit, sum_in_place
+    from workers.ml.run import _wrap_with_lora
+    from workers.ml.specs import GA
+
+    def run(summed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        placement = loading.pick_placement("cpu", dtype)
+        model, tok = loading.load(loading.resolve(tiny_target), placement)
+        model = _wrap_with_lora(model, GA(lora_alpha=alpha), None)
+        for name, p in model.named_parameters():  # move lora_B off zero: real gradients
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))
+        keep_inputs_16bit(model)
+        switched = sum_in_place(model) if summed else 0
+        batch = collate(encode_all(tok, FORGET + RETAIN, 64), [0, 3, 9, 12], tok.pad_token_id)
+        logp, nll = losses.sequence_stats(model, batch)
+        nll.mean().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        with torch.no_grad(), model.disable_adapter():
+            reference = losses.sequence_stats(model, batch)[0]
+        return logp.detach(), grads, reference, switched
+
+    logp_a, grads_a, ref_a, _ = run(False)
+    logp_b, grads_b, ref_b, switched = run(True)
+    assert switched > 0
+    assert torch.equal(logp_a, logp_b) and torch.equal(grads_a, grads_b)
+    assert torch.equal(ref_a, ref_b) and not torch.equal(ref_b, logp_b)

@@ -1,4 +1,6 @@
-"""LoRA on 16-bit weights without float32 copies of every adapted layer's input.
+"""LoRA layers that compute PEFT's very numbers with less kept and fewer passes.
+
+On 16-bit weights, without float32 copies of every adapted layer's input:
 
 PEFT keeps adapters in float32 under bfloat16 weights and casts each adapted layer's
 input to float32 before `lora_A`; autograd then keeps that float32 copy for `lora_A`'s
@@ -8,10 +10,16 @@ for 4 items). Here `lora_A` receives the 16-bit input, casts it itself and keeps
 16-bit tensor, re-casting it in the backward pass: the cast from bfloat16 or float16 to
 float32 is exact, so the forward and the gradients are the very numbers PEFT's path
 computes (tests/ml/test_memory.py compares them bit for bit).
+
+`sum_in_place` is the other half: PEFT's `result + lora_B(lora_A(x)) * scaling` makes two
+new tensors of the layer's output size (the scaled product, then the sum) and a third
+pass over it; here the scaling goes into `lora_B`'s small weight when it is a power of
+two (exact: the same numbers) and the sum is written into the product's own tensor.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -75,4 +83,51 @@ def keep_inputs_16bit(model: Any) -> int:
         for linear in module.lora_A.values():
             linear.forward = _upcasting_forward(linear)
         switched += 1
+    return switched
+
+
+def _plain(module: Any) -> bool:
+    """One LoRA adapter on a plain linear layer: no variant (DoRA), dropout or biases."""
+    return not module.lora_variant and all(
+        isinstance(module.lora_dropout[name], torch.nn.Identity)
+        and module.lora_A[name].bias is None
+        and module.lora_B[name].bias is None
+        for name in module.lora_A
+    )
+
+
+def _summing_forward(module: Any) -> Any:
+    peft_forward = module.forward
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        active = [a for a in module.active_adapters if a in module.lora_A]
+        if module.disable_adapters or module.merged or args or kwargs or len(active) != 1:
+            return peft_forward(x, *args, **kwargs)
+        name = active[0]
+        result = module.base_layer(x)
+        lora_a, weight_b = module.lora_A[name], module.lora_B[name].weight
+        scaling = module.scaling[name]
+        exact = scaling > 0 and math.frexp(scaling)[0] == 0.5  # a power of two
+        delta = F.linear(
+            lora_a(module._cast_input_dtype(x, lora_a.weight.dtype)),
+            weight_b * scaling if exact else weight_b,
+        )
+        if not exact:
+            delta = delta.mul_(scaling)
+        return delta.add_(result).to(result.dtype)  # PEFT's sum, in the product's tensor
+
+    return forward
+
+
+def sum_in_place(model: Any) -> int:
+    """Give every plain LoRA layer of `model` the in-place sum (`_summing_forward`), in
+    any dtype; returns how many. Anything but one active adapter on a layer that is not
+    merged falls back to PEFT's own forward."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and _plain(module):
+            module.forward = _summing_forward(module)  # type: ignore[method-assign]  # per instance
+            switched += 1
     return switched

@@ -256,10 +256,9 @@ def use_attention(model: Any, name: str | None) -> None:
     """Switch `model` to the attention kernel `name` where it has one by that name."""
     if name is None or getattr(model.config, "_attn_implementation", None) == name:
         return
-    try:
+    # an architecture without that kernel keeps its own
+    with contextlib.suppress(ValueError, ImportError, AttributeError, NotImplementedError):
         model.set_attn_implementation(name)
-    except (ValueError, ImportError, AttributeError, NotImplementedError):
-        pass  # an architecture without it keeps its own
 
 
 def attention_of(model: Any) -> str | None:

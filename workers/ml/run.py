@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from workers.ml import adapters, loading, losses, methods, stand_ins
 from workers.ml.answers import AnswerCheck
 from workers.ml.data import encode_all, rare_token_weights, value_token_weights
-from workers.ml.lean_lora import keep_inputs_16bit
+from workers.ml.lean_lora import keep_inputs_16bit, sum_in_place
 from workers.ml.memwatch import PeakRSS, tune_heap
 from workers.ml.specs import JobSpec, for_batched_job
 from workers.ml.training import CancelFn, Datasets, ProgressFn, runs, train
@@ -124,6 +124,7 @@ def _run(
         base_model.enable_input_require_grads()  # LoRA: the embeddings are frozen
     model = _wrap_with_lora(base_model, m, spec.previous_adapter)
     lean_layers = keep_inputs_16bit(model)  # the same numbers, a third less kept per pass
+    summed_layers = sum_in_place(model)  # the same numbers, two passes fewer per layer
     method = methods.build(m)
     method.prepare(model)
 
@@ -209,6 +210,7 @@ def _run(
             "attention": loading.attention_of(model),
             "shared_prefix": losses.shared_prefix_used(model),
             "lean_lora_layers": lean_layers,
+            "summed_lora_layers": summed_layers,
             "trunk": trunk_record(trunk, losses.trunk_paths(model)),
         },
         "durations_s": {
