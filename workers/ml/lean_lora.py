@@ -58,34 +58,6 @@ def _upcasting_forward(linear: Any) -> Any:
     return forward
 
 
-def keep_inputs_16bit(model: Any) -> int:
-    """Switch every plain LoRA layer of `model` whose base weights are 16-bit and whose
-    adapters are float32 to the lean path; returns how many were switched. Layers with a
-    variant (DoRA), dropout or a bias on `lora_A` keep PEFT's own path."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    switched = 0
-    for module in model.modules():
-        if not isinstance(module, LoraLinear) or module.lora_variant:
-            continue
-        base_dtype = module.get_base_layer().weight.dtype
-        if base_dtype not in (torch.bfloat16, torch.float16):
-            continue
-        plain = all(
-            isinstance(module.lora_dropout[name], torch.nn.Identity)
-            and module.lora_A[name].bias is None
-            and module.lora_A[name].weight.dtype == torch.float32
-            for name in module.lora_A
-        )
-        if not plain:
-            continue
-        module.cast_input_dtype_enabled = False  # PEFT's switch: lora_A gets x as it is
-        for linear in module.lora_A.values():
-            linear.forward = _upcasting_forward(linear)
-        switched += 1
-    return switched
-
-
 def _plain(module: Any) -> bool:
     """One LoRA adapter on a plain linear layer: no variant (DoRA), dropout or biases."""
     return not module.lora_variant and all(
@@ -94,6 +66,28 @@ def _plain(module: Any) -> bool:
         and module.lora_B[name].bias is None
         for name in module.lora_A
     )
+
+
+def keep_inputs_16bit(model: Any) -> int:
+    """Switch every plain LoRA layer of `model` whose base weights are 16-bit and whose
+    adapters are float32 to the lean path; returns how many were switched. Layers with a
+    variant (DoRA), dropout or biases keep PEFT's own path."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    switched = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLinear) or not _plain(module):
+            continue
+        base_dtype = module.get_base_layer().weight.dtype
+        if base_dtype not in (torch.bfloat16, torch.float16):
+            continue
+        if any(a.weight.dtype != torch.float32 for a in module.lora_A.values()):
+            continue
+        module.cast_input_dtype_enabled = False  # PEFT's switch: lora_A gets x as it is
+        for linear in module.lora_A.values():
+            linear.forward = _upcasting_forward(linear)
+        switched += 1
+    return switched
 
 
 def _summing_forward(module: Any) -> Any:
