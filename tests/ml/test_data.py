@@ -147,3 +147,16 @@ def test_a_16bit_cpu_model_loads_with_the_plain_attention_and_its_shared_prefix_
         shared = losses._prefix_logits(model, inputs, keep, p)
         plain = losses._plain_logits(model, inputs, keep)
     assert torch.equal(shared, plain)
+
+
+def test_a_conversion_that_fails_in_its_child_process_says_why_and_leaves_no_folder(tmp_path):
+    """The built-in model is converted in a child process (its memory goes when the
+    child exits); a failure there comes back as the usual ModelSourceError."""
+    import pytest
+
+    from workers.ml import loading
+
+    target = tmp_path / "no-such-model"
+    with pytest.raises(loading.ModelSourceError, match="builtin:no-such-model"):
+        loading._materialise_apart("builtin:no-such-model", target)
+    assert not target.exists() and not list(tmp_path.iterdir())

@@ -17,6 +17,8 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -199,6 +201,22 @@ def _materialise_builtin(source: str, target: Path) -> None:
     tmp.rename(target)  # atomic: a half-written folder is never used
 
 
+def _materialise_apart(source: str, target: Path) -> None:
+    """`_materialise_builtin` in a child process. De-quantising holds the GGUF's tensors
+    and two float32 models at once: done inside the first job it was that job's peak
+    (1.18 GiB over its start for SmolLM2, against ~0.3 GiB for the job itself), and a
+    long-lived worker keeps such a peak as heap. The child's memory goes when it exits."""
+    child = subprocess.run(
+        [sys.executable, "-m", "workers.ml.loading", source, str(target)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if child.returncode != 0:
+        lines = child.stderr.strip().splitlines()
+        raise ModelSourceError(lines[-1] if lines else f"converting {source} failed")
+
+
 def resolve(source: str, cache_dir: Path | None = None) -> ResolvedModel:
     """A local HF folder and its digest for a built-in name or a folder path."""
     if source.startswith("builtin:"):
@@ -210,7 +228,7 @@ def resolve(source: str, cache_dir: Path | None = None) -> ResolvedModel:
         target = cache / source.removeprefix("builtin:")
         with _file_lock(cache / f".{target.name}.lock"):
             if not (target / "config.json").is_file():
-                _materialise_builtin(source, target)
+                _materialise_apart(source, target)
         return ResolvedModel(source, target.resolve(), folder_digest(target))
     folder = Path(source)
     if not (folder / "config.json").is_file():
@@ -345,3 +363,10 @@ def read_weights(folder: Path, dtype: torch.dtype) -> PreTrainedModel | None:
 
 def weights_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+if __name__ == "__main__":  # `_materialise_apart`'s child: SOURCE TARGET
+    try:
+        _materialise_builtin(sys.argv[1], Path(sys.argv[2]))
+    except ModelSourceError as exc:
+        sys.exit(f"{exc}")
