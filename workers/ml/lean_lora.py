@@ -20,6 +20,7 @@ two (exact: the same numbers) and the sum is written into the product's own tens
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -68,16 +69,19 @@ def _plain(module: Any) -> bool:
     )
 
 
+def _plain_layers(model: Any) -> Iterator[Any]:
+    """The LoRA linear layers of `model` that `_plain` accepts."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return (m for m in model.modules() if isinstance(m, LoraLinear) and _plain(m))
+
+
 def keep_inputs_16bit(model: Any) -> int:
     """Switch every plain LoRA layer of `model` whose base weights are 16-bit and whose
     adapters are float32 to the lean path; returns how many were switched. Layers with a
     variant (DoRA), dropout or biases keep PEFT's own path."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
     switched = 0
-    for module in model.modules():
-        if not isinstance(module, LoraLinear) or not _plain(module):
-            continue
+    for module in _plain_layers(model):
         base_dtype = module.get_base_layer().weight.dtype
         if base_dtype not in (torch.bfloat16, torch.float16):
             continue
@@ -117,11 +121,8 @@ def sum_in_place(model: Any) -> int:
     """Give every plain LoRA layer of `model` the in-place sum (`_summing_forward`), in
     any dtype; returns how many. Anything but one active adapter on a layer that is not
     merged falls back to PEFT's own forward."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
     switched = 0
-    for module in model.modules():
-        if isinstance(module, LoraLinear) and _plain(module):
-            module.forward = _summing_forward(module)  # type: ignore[method-assign]  # per instance
-            switched += 1
+    for module in _plain_layers(model):
+        module.forward = _summing_forward(module)
+        switched += 1
     return switched
