@@ -3,7 +3,7 @@ when it happens, and the resident set after each step, so a peak at load time ca
 told from one that builds up while training.
 
     .venv/bin/python -m benchmarks.job_memory [--dtype bfloat16] [--steps 8] [--seed 7]
-        [--set gradient_checkpointing=true ...]
+        [--set gradient_checkpointing=true ...] [--heap]
 
 `--steps 48` runs the default method's whole job (it stops when forgotten).
 
@@ -15,15 +15,19 @@ environment.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 
+import torch
+
 from benchmarks.common import BENCH_DIR, first_person_spec, target
-from workers.ml.memwatch import PeakRSS, rss_bytes
+from workers.ml.memwatch import PeakRSS, heap_info, rss_bytes
 from workers.ml.run import run_job
 from workers.ml.specs import DEFAULT_METHOD
 
 GIB = 2**30
+MIB = 2**20
 
 
 def main() -> None:
@@ -32,6 +36,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seed", type=int, default=7, help="the target's people")
     ap.add_argument("--set", nargs="*", default=[], help="method settings, key=json-value")
+    ap.add_argument(
+        "--heap",
+        action="store_true",
+        help="after every 4th step, what is live: tensors (by dtype) and glibc's heap",
+    )
     args = ap.parse_args()
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     folder, people = target(seed=args.seed)
@@ -42,7 +51,13 @@ def main() -> None:
     work = BENCH_DIR / "job-memory"
     shutil.rmtree(work, ignore_errors=True)  # run_job would resume a checkpoint found there
     with PeakRSS() as mem:
-        res = run_job(spec, work, progress=lambda _f, _logs: steps.append(rss_bytes()))
+
+        def after_step(_f: float, logs: dict[str, float]) -> None:
+            steps.append(rss_bytes())
+            if args.heap and int(logs.get("step", 0)) % 4 == 0:
+                print(f"step {int(logs['step'])}: {live_memory()}", flush=True)
+
+        res = run_job(spec, work, progress=after_step)
     rec = res.record
     print(
         f"{rec['environment']['dtype']} {overrides or 'defaults'}: training "
@@ -52,6 +67,22 @@ def main() -> None:
         f"probability {rec['outcome']['final']['forget_prob']:.4f}"
     )
     print("after each step:", " ".join(f"{(rss - mem.start) / GIB:.2f}" for rss in steps))
+
+
+def live_memory() -> str:
+    """Live tensors' storages by dtype, and glibc's heap, in MiB."""
+    storages: dict[int, tuple[int, str]] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor):
+            st = obj.untyped_storage()
+            storages[st.data_ptr()] = (st.nbytes(), str(obj.dtype).removeprefix("torch."))
+    by_dtype: dict[str, int] = {}
+    for size, dtype in storages.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + size
+    tensors = ", ".join(f"{d} {n / MIB:.0f}" for d, n in sorted(by_dtype.items()) if n >= MIB)
+    heap = heap_info()
+    glibc = "" if heap is None else ", ".join(f"{k} {v / MIB:.0f}" for k, v in heap.items())
+    return f"tensors MiB: {tensors}; heap MiB: {glibc}"
 
 
 if __name__ == "__main__":

@@ -160,3 +160,12 @@ def test_a_conversion_that_fails_in_its_child_process_says_why_and_leaves_no_fol
     with pytest.raises(loading.ModelSourceError, match="builtin:no-such-model"):
         loading._materialise_apart("builtin:no-such-model", target)
     assert not target.exists() and not list(tmp_path.iterdir())
+
+
+def test_the_general_retain_questions_are_not_the_audits_probe():
+    from workers.ml import evaluate, general
+
+    asked = [q.lower() for q in general.questions()]
+    probe = {p["question"].lower() for p in evaluate.general_knowledge()}
+    assert len(asked) == len(set(asked)) == 48
+    assert not probe & set(asked)  # the audit measures knowledge no job trained on

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from tests.ml.targets import FORGET, FORGET_B, RETAIN, cancel_after
-from workers.ml import loading, methods, specs
+from workers.ml import evaluate, general, loading, methods, specs
 from workers.ml.run import run_job
 from workers.ml.specs import JobSpec
 from workers.ml.training import Canceled
@@ -1272,3 +1272,57 @@ def test_a_stop_that_changed_other_answers_repairs_them_first(tiny_target, tmp_p
     # the steps between repaired only: the forget push paused, the retain focus on item 2
     between = [c for c in b["curve"] if stop < c["step"] <= b["steps"]]
     assert between and all(c.get("forget_paused") == 1.0 for c in between)
+
+
+def test_general_questions_join_the_retain_data_answered_by_the_model_itself(tiny_target, tmp_path):
+    without = spec_for(tiny_target, "simnpo", max_steps=2).model_copy(update={"retain": []})
+    record = run_job(without, tmp_path / "off").record
+    assert record["items"]["general_retain"] == 0
+    assert "retain_nll" not in record["outcome"]["base"]  # nothing to keep was measured
+
+    method = without.method.model_copy(update={"general_retain": 6})
+    record = run_job(without.model_copy(update={"method": method}), tmp_path / "on").record
+    assert record["items"]["general_retain"] == 6
+    assert record["outcome"]["base"]["retain_nll"] > 0  # the scope check now measures them
+    assert record["durations_s"]["general_answers"] > 0
+
+
+def test_general_items_are_the_models_greedy_answers(tiny_target):
+    model, tok = loading.load(loading.resolve(tiny_target), loading.pick_placement("cpu"))
+    items = general.reference_items(model, tok, 5)
+    asked = general.questions()[:5]
+    answers = evaluate.greedy_answers(model, tok, asked, max_new_tokens=general.ANSWER_TOKENS)
+    assert [i["prompt"] for i in items] == [q for q, a in zip(asked, answers, strict=True) if a]
+    assert [i["completion"] for i in items] == [a for a in answers if a]
+    assert general.reference_items(model, tok, 0) == []
+
+
+def test_general_items_add_one_row_to_each_retain_batch_and_stay_out_of_the_guard():
+    from workers.ml.training import Datasets, general_order, retain_orders, spread
+
+    item = ([1, 2], [-100, 2])
+    spec = types.SimpleNamespace(seed=0, retain_focus=0.0)
+    data = Datasets(forget=[], retain=[item] * 14, retain_eval=6, general=4)
+    assert data.retain_indices() == spread(10, 6)  # the caller's 10 items only
+    own, _ = retain_orders(spec, data, 4)
+    rows = general_order(spec, data)
+    seen = set()
+    for k in range(8):
+        assert all(i < 10 for i in own.batch(k))
+        assert len(rows.batch(k)) == 1
+        seen |= {10 + j for j in rows.batch(k)}
+    assert seen == {10, 11, 12, 13}  # every general item takes its turn
+
+    alone = Datasets(forget=[], retain=[item] * 4, retain_eval=6, general=4)
+    assert general_order(spec, alone) is None  # they are the retain set: its order has them
+    assert alone.retain_indices() == [0, 1, 2, 3]
+    assert general_order(spec, Datasets(forget=[], retain=[item] * 10)) is None
+
+
+def test_a_run_with_general_items_resumes_bit_for_bit_and_they_change_it(tiny_target, tmp_path):
+    spec = spec_for(tiny_target, "simnpo", max_steps=12, general_retain=6)
+    full = run_job(spec, tmp_path / "full")
+    _resume_after_cut(spec, full, tmp_path / "cut", 7, 5)  # the answers are asked again
+    plain = run_job(spec_for(tiny_target, "simnpo", max_steps=12), tmp_path / "plain")
+    wa, wb = _adapter(full.adapter_dir), _adapter(plain.adapter_dir)
+    assert not all(torch.equal(wa[k], wb[k]) for k in wa)  # the retain term saw them

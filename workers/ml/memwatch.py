@@ -62,6 +62,34 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in [
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        ]
+    ]
+
+
+def heap_info() -> dict[str, int] | None:
+    """glibc's heap (`mallinfo2`, bytes): in use, free but kept, and served from their own
+    mappings; None off glibc (or with heap tuning off)."""
+    if _LIBC is None or not hasattr(_LIBC, "mallinfo2"):
+        return None
+    _LIBC.mallinfo2.restype = _MallInfo2
+    info = _LIBC.mallinfo2()
+    return {"in_use": info.uordblks, "free": info.fordblks, "mapped": info.hblkhd}
+
+
 class PeakRSS:
     """`with PeakRSS() as m: ...` then m.start and m.peak (bytes), and m.peak_at (seconds
     after entering: a peak at load time tells another story than one while training)."""

@@ -18,7 +18,7 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from workers.ml import adapters, loading, losses, methods, stand_ins
+from workers.ml import adapters, general, loading, losses, methods, stand_ins
 from workers.ml.answers import AnswerCheck
 from workers.ml.data import encode_all, rare_token_weights, value_token_weights
 from workers.ml.lean_lora import keep_inputs_16bit, sum_in_place
@@ -129,20 +129,25 @@ def _run(
     method.prepare(model)
 
     forget = [i.plain() for i in spec.forget]
+    t_general = time.perf_counter()
+    # After the caller's retain items, so their indices (neighbours, the guard) stay.
+    general_items = general.reference_items(model, tok, m.general_retain)
+    retain = [i.plain() for i in spec.retain] + general_items
+    general_s = time.perf_counter() - t_general
     # The stop rule and SimNPO's delta="holdout" compare with data the model never saw:
     # without holdout items from the caller, the person's values replaced by stand-ins.
     holdout = [i.plain() for i in spec.holdout] or stand_ins.synthesize(forget, seed=m.seed)
     data = Datasets(
         forget=encode_all(tok, forget, m.max_length),
-        retain=encode_all(tok, [i.plain() for i in spec.retain], m.max_length),
+        retain=encode_all(tok, retain, m.max_length),
         holdout=encode_all(tok, holdout, m.max_length),
         retain_eval=m.retain_eval_items,
+        general=len(general_items),
     )
     if spec.forget_groups is not None:
         data.forget_groups = runs(spec.forget_groups, len(forget))
     if spec.holdout_groups is not None:
         data.holdout_groups = runs(spec.holdout_groups, len(holdout))
-    retain = [i.plain() for i in spec.retain]
     if m.retain_focus > 0:
         data.neighbours = neighbours(forget, retain)
     if m.retain_answers_tolerance is not None:  # only the guard's sample needs its masks
@@ -192,6 +197,7 @@ def _run(
         "items": {
             "forget": len(spec.forget),
             "retain": len(spec.retain),
+            "general_retain": len(general_items),
             "holdout": len(holdout),
             "holdout_source": "caller" if spec.holdout else "synthesized",
         },
@@ -214,7 +220,8 @@ def _run(
             "trunk": trunk_record(trunk, losses.trunk_paths(model)),
         },
         "durations_s": {
-            "load": t_loaded - t0,
+            "load": t_loaded - t0,  # of it, the general items' answers:
+            "general_answers": general_s,
             "train": outcome.seconds,
             "total": time.perf_counter() - t0,
         },

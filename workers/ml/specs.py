@@ -99,6 +99,15 @@ class _MethodBase(BaseModel):
         "retain items whose answers state one of the forget answers' specific values (a "
         "shared employer, street or city), where unlearning bleeds over first",
     )
+    general_retain: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="how many of the engine's shipped general questions (48, disjoint from "
+        "the audit's probe) join the retain data, answered by the model as the job loads "
+        "it (greedy): the retain term and the scope check then hold its answers about the "
+        "world too, not only about the retain set's people",
+    )
     retain_repair: bool = Field(
         default=True,
         description="once a scope check finds guarded retain answers broken, the retain "
@@ -344,6 +353,9 @@ METHOD_NAMES = ("ga", "graddiff", "npo", "simnpo", "relabel", "idk", "rmu")
 # of people fell from 0.32 to 0.07 against a level of 0.43 in the last 4 steps and
 # failed every membership test low), waiting for no forget item still stating its
 # values (landed where 1 of 20 still did, the audit found 2 of 16 leaking).
+# Thirteenth round: the 48 general questions answered by the model itself, one per
+# retain batch on top of the caller's items (on a 3-person target the retry had taken
+# general knowledge from 20 to 15 of 40 probe answers; docs/engine.md, "General retain").
 DEFAULT_METHOD: dict[str, object] = {
     "name": "simnpo",
     "delta": "holdout",
@@ -352,6 +364,7 @@ DEFAULT_METHOD: dict[str, object] = {
     "retain_loss": "kl",
     "alpha": 10.0,
     "retain_focus": 0.5,
+    "general_retain": 48,
     "retain_batch_size": 4,
     "lr": 1e-3,
     "max_steps": 48,

@@ -90,14 +90,25 @@ class Datasets:
     forget_value_masks: list[list[float]] | None = None
     # greedy answers judged the audit's way (`stop_answers_leak`, `stop_answers_kept`)
     answer_check: AnswerCheck | None = None
+    # the last this many retain items are general questions (workers/ml/general.py)
+    general: int = 0
+
+    @property
+    def own_retain(self) -> int:
+        """How many retain items are the caller's (all but the general ones); with none,
+        the general items stand in for them."""
+        return len(self.retain) - self.general or len(self.retain)
 
     def retain_sample(self) -> list[Encoded]:
         """The retain items the scope check measures: `retain_eval` of them, evenly
-        strided over the whole set (its first items may all be about one person)."""
+        strided over the caller's set (its first items may all be about one person).
+        The general items join the retain loss, not the guard: in the guard's sample
+        they took the place of guarded answers about people (docs/engine.md, "General
+        retain")."""
         return [self.retain[i] for i in self.retain_indices()]
 
     def retain_indices(self) -> list[int]:
-        return spread(len(self.retain), self.retain_eval)
+        return spread(self.own_retain, self.retain_eval)
 
 
 def spread(n: int, k: int) -> list[int]:
@@ -481,12 +492,22 @@ def retain_orders(
         focus = max(focus, 1)
     focus = min(retain_bs, focus)
     retain_order = (
-        BatchOrder(len(data.retain), retain_bs - focus, spec.seed + 1)
+        BatchOrder(data.own_retain, retain_bs - focus, spec.seed + 1)
         if data.retain and retain_bs > focus
         else None
     )
     focus_order = BatchOrder(len(focus_pool(data)), focus, spec.seed + 2) if focus else None
     return retain_order, focus_order
+
+
+def general_order(spec: Any, data: Datasets) -> BatchOrder | None:
+    """One general item per retain batch, on top of the caller's items (mixed into their
+    order instead, they took a quarter of the rows and a person's guarded answers broke;
+    docs/engine.md, "General retain"). None when there are none, or when they are the
+    whole retain set (the retain order then draws on them)."""
+    if not data.general or len(data.retain) == data.general:
+        return None
+    return BatchOrder(data.general, 1, spec.seed + 3)
 
 
 def forget_orders(spec: Any, data: Datasets, pending: list[int]) -> BatchOrder:
@@ -689,6 +710,7 @@ def train(
         curve, evals, tokens, resumed_from = [], [dict(base, step=0)], 0, None
     check_seconds = time.perf_counter() - start
     retain_order, focus_order = retain_orders(spec, data, retain_bs)
+    general_rows = general_order(spec, data)
     forget_order = forget_orders(spec, data, pending)
 
     threshold = stop_threshold(spec, base)
@@ -706,6 +728,8 @@ def train(
             if focus_order is not None:
                 pool = focus_pool(data)
                 r_idx = [pool[j] for j in focus_order.batch(k)] + r_idx
+            if general_rows is not None:
+                r_idx += [data.own_retain + j for j in general_rows.batch(k)]
             retain = collate(data.retain, r_idx, pad_id) if r_idx else None
             if paused and retain is not None:  # repairing, the forget side at its level
                 loss, parts = method.retain_backward(model, retain, scale=1 / spec.grad_accum)
