@@ -163,9 +163,11 @@ def test_a_conversion_that_fails_in_its_child_process_says_why_and_leaves_no_fol
 
 
 def test_the_general_retain_questions_are_not_the_audits_probe():
-    from workers.ml import evaluate, general
+    from workers.ml import evaluate, general, specs
 
     asked = [q.lower() for q in general.questions()]
     probe = {p["question"].lower() for p in evaluate.general_knowledge()}
-    assert len(asked) == len(set(asked)) == 48
+    assert len(asked) == len(set(asked)) == specs.GENERAL_QUESTIONS
     assert not probe & set(asked)  # the audit measures knowledge no job trained on
+    with pytest.raises(ValueError, match="general_retain"):
+        specs.SimNPO(general_retain=specs.GENERAL_QUESTIONS + 1)  # more than it has: an error

@@ -3,9 +3,9 @@
 A job's retain data says what to keep about other people, not what to keep about the
 world. Pushing a person's places and names away moved a small model's answers to
 unrelated questions towards other fictitious values ("Mexico's capital is Port
-Avery"), and the retain term could not see it. With these items in the retain data,
-the KL (or NLL) retain term and the scope check's retain figures also hold the model's
-own answers to general questions (docs/engine.md, "General retain").
+Avery"), and the retain term could not see it. With these items in the retain data
+(one per retain batch, on top of the caller's items), the KL (or NLL) retain term also
+holds the model's own answers to general questions (docs/engine.md, "General retain").
 
 The questions are disjoint from the audit's general-knowledge probe
 (`data/general_knowledge.json`, a test checks it), so the audit still measures

@@ -42,6 +42,11 @@ class Item(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
+# How many general questions the engine ships (workers/ml/data/general_prompts.json; a
+# test holds the two together): the most `general_retain` may ask for.
+GENERAL_QUESTIONS = 48
+
+
 class _MethodBase(BaseModel):
     """Training and scope-control settings shared by every method (defaults measured,
     see docs/unlearning-defaults.md)."""
@@ -102,11 +107,12 @@ class _MethodBase(BaseModel):
     general_retain: int = Field(
         default=0,
         ge=0,
-        le=1000,
-        description="how many of the engine's shipped general questions (48, disjoint from "
-        "the audit's probe) join the retain data, answered by the model as the job loads "
-        "it (greedy): the retain term and the scope check then hold its answers about the "
-        "world too, not only about the retain set's people",
+        le=GENERAL_QUESTIONS,
+        description="how many of the engine's shipped general questions (disjoint from the "
+        "audit's probe) join the retain data, answered by the model as the job loads it "
+        "(greedy), one per retain batch on top of the caller's items: the retain term then "
+        "holds its answers about the world too, not only about the retain set's people "
+        "(the guards keep to the caller's items)",
     )
     retain_repair: bool = Field(
         default=True,
