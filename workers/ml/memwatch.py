@@ -80,12 +80,15 @@ class _MallInfo2(ctypes.Structure):
     ]
 
 
+if _LIBC is not None and hasattr(_LIBC, "mallinfo2"):
+    _LIBC.mallinfo2.restype = _MallInfo2  # once: ctypes otherwise reads an int
+
+
 def heap_info() -> dict[str, int] | None:
     """glibc's heap (`mallinfo2`, bytes): in use, free but kept, and served from their own
     mappings; None off glibc (or with heap tuning off)."""
     if _LIBC is None or not hasattr(_LIBC, "mallinfo2"):
         return None
-    _LIBC.mallinfo2.restype = _MallInfo2
     info = _LIBC.mallinfo2()
     return {"in_use": info.uordblks, "free": info.fordblks, "mapped": info.hblkhd}
 
