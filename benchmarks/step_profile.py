@@ -145,4 +145,7 @@ def _profile(
 
 
 if __name__ == "__main__":
+    from workers.allocator import reexec_under_jemalloc
+
+    reexec_under_jemalloc()  # the workers' allocator (UNLEARN_JEMALLOC=0: glibc's)
     main()

@@ -170,6 +170,9 @@ def worker(
     """A worker: runs unlearning jobs one at a time, each in a fresh child process (so
     GPU memory is freed after every job). Start one per GPU, with CUDA_VISIBLE_DEVICES
     set to that GPU."""
+    from workers.allocator import reexec_under_jemalloc
+
+    reexec_under_jemalloc()  # before anything starts: the jobs' allocator (workers/allocator.py)
     from workers.celery_app import app as celery_app
 
     celery_app.worker_main(worker_argv(queues, name, loglevel))
@@ -186,6 +189,7 @@ def up(
     import uvicorn
 
     from service import dispatcher as disp
+    from workers.allocator import with_jemalloc
 
     migrate(bootstrap_admin=True)
     stop = threading.Event()
@@ -202,6 +206,7 @@ def up(
                 "workers.celery_app",
                 *worker_argv("unlearning,default", "embedded", get_settings().log_level),
             ],
+            env=with_jemalloc(os.environ),  # the jobs' allocator (workers/allocator.py)
             start_new_session=True,  # Ctrl-C reaches it through us, in order
         )
     console.print(

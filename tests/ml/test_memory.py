@@ -121,6 +121,33 @@ def test_trimming_the_heap_gives_freed_memory_back():
     del pin
 
 
+JEMALLOC_HEAP = """
+from workers.ml import memwatch
+assert memwatch.allocator().startswith("jemalloc"), memwatch.allocator()
+before = memwatch.heap_info()["in_use"]
+blocks = [bytearray(60_000) for _ in range(4000)]
+held = memwatch.heap_info()["in_use"]
+del blocks
+memwatch.trim_heap()  # glibc's trim: nothing to do under jemalloc
+print(before, held, memwatch.heap_info()["in_use"], memwatch.tune_heap())
+"""
+
+
+def test_under_jemalloc_the_heap_figures_are_jemallocs_own():
+    """A worker's jobs run under jemalloc where it is installed (workers/allocator.py):
+    the heap figures a benchmark prints then come from jemalloc's statistics, and glibc's
+    tuning stays off (its heap serves nothing)."""
+    from workers.allocator import with_jemalloc
+
+    env = with_jemalloc(os.environ)
+    if "jemalloc" not in env.get("LD_PRELOAD", ""):
+        pytest.skip("Debian package libjemalloc2")
+    before, held, after, tuned = _python(JEMALLOC_HEAP, env).split()
+    assert int(held) - int(before) > 230 * 2**20  # 4000 blocks of 60 kB, counted in use
+    assert int(after) < int(before) + 20 * 2**20
+    assert tuned == "False"
+
+
 def _saved_bytes(fn) -> int:
     """Bytes of the storages autograd saves for the backward pass while `fn` runs."""
     storages: dict[int, int] = {}

@@ -30,6 +30,7 @@ from tests.ml.targets import (
     TINY_ANSWER_GUARD_OFF,
     TINY_AUDIT_POLICY,
 )
+from workers.allocator import with_jemalloc
 
 ROOT = Path(__file__).resolve().parents[2]
 # SimNPO: on the tiny target it passes the standard audit within 30 steps (measured:
@@ -206,12 +207,14 @@ def stack(
         setattr(settings, key, value)
     get_store.cache_clear()
     producer.cache_clear()
-    env = {
-        **os.environ,
-        **{k.upper(): str(v) for k, v in overrides.items()},
-        "LOG_LEVEL": "INFO",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = with_jemalloc(  # the workers' allocator, as `unlearn up` gives its worker
+        {
+            **os.environ,
+            **{k.upper(): str(v) for k, v in overrides.items()},
+            "LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     with live_db() as s:
         keys = mint_keys(s)
     stop = threading.Event()

@@ -214,3 +214,8 @@ def test_requests_batched_into_one_job_are_each_held_to_the_stop_rule(
 
     auto = pick_placement("cpu", training=True).dtype
     assert record["environment"]["dtype"] == str(auto).removeprefix("torch.")
+    # the job ran in a forked child of a worker started as `unlearn up` starts one
+    from workers.allocator import jemalloc_library
+
+    expected = "jemalloc" if jemalloc_library() else "glibc"
+    assert record["environment"]["allocator"].startswith(expected)

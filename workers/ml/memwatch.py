@@ -1,7 +1,9 @@
 """Process memory while a job runs: resident set size sampled by a background thread
 (the CPU has no allocator counter like CUDA's), so a job's own peak can be told apart
 from what the process held before it started; and the two settings of glibc's heap that
-keep a job's peak near what it really uses (`tune_heap`, `trim_heap`)."""
+keep a job's peak near what it really uses (`tune_heap`, `trim_heap`). Where the worker
+preloaded jemalloc instead (workers/allocator.py), its own decay gives freed pages back
+and those two do nothing."""
 
 from __future__ import annotations
 
@@ -25,9 +27,7 @@ def rss_bytes() -> int:
 
 
 def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc and heap tuning is on (UNLEARN_HEAP_TUNING=0: off)."""
-    if os.environ.get("UNLEARN_HEAP_TUNING", "1") == "0":
-        return None
+    """The C library when it is glibc."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
@@ -36,7 +36,35 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if libc is not None and hasattr(libc, "malloc_trim") else None
 
 
-_LIBC = _glibc()
+def _jemalloc() -> ctypes.CDLL | None:
+    """jemalloc when it serves this process's malloc (preloaded: workers/allocator.py);
+    its `mallctl` is then in the global symbol scope."""
+    try:
+        with open("/proc/self/maps") as fh:
+            if "libjemalloc" not in fh.read():
+                return None
+        lib = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return lib if hasattr(lib, "mallctl") else None
+
+
+_JEMALLOC = _jemalloc()
+# glibc's heap, when it serves malloc and its tuning is on (UNLEARN_HEAP_TUNING=0: off)
+_TUNING = os.environ.get("UNLEARN_HEAP_TUNING", "1") != "0"
+_LIBC = _glibc() if _JEMALLOC is None and _TUNING else None
+
+
+def allocator() -> str:
+    """Which C allocator serves this process: "jemalloc <version>", "glibc" or "other"."""
+    if _JEMALLOC is not None:
+        version = ctypes.c_char_p()
+        size = ctypes.c_size_t(ctypes.sizeof(version))
+        _JEMALLOC.mallctl(b"version", ctypes.byref(version), ctypes.byref(size), None, 0)
+        return f"jemalloc {(version.value or b'').decode().split('-')[0]}".strip()
+    return "glibc" if _glibc() is not None else "other"
+
+
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 MMAP_THRESHOLD = 1 << 20
 
@@ -84,9 +112,25 @@ if _LIBC is not None and hasattr(_LIBC, "mallinfo2"):
     _LIBC.mallinfo2.restype = _MallInfo2  # once: ctypes otherwise reads an int
 
 
+def _jemalloc_stat(name: str) -> int:
+    value = ctypes.c_size_t()
+    size = ctypes.c_size_t(ctypes.sizeof(value))
+    assert _JEMALLOC is not None
+    _JEMALLOC.mallctl(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0)
+    return value.value
+
+
 def heap_info() -> dict[str, int] | None:
-    """glibc's heap (`mallinfo2`, bytes): in use, free but kept, and served from their own
-    mappings; None off glibc (or with heap tuning off)."""
+    """The C heap, in bytes. glibc (`mallinfo2`): in use, free but kept, and served from
+    their own mappings. jemalloc: in use, and resident in its pages (in use, free and
+    metadata). None elsewhere (or with glibc's heap tuning off)."""
+    if _JEMALLOC is not None:
+        epoch = ctypes.c_uint64(1)  # stats are a snapshot refreshed by writing the epoch
+        _JEMALLOC.mallctl(b"epoch", None, None, ctypes.byref(epoch), ctypes.sizeof(epoch))
+        return {
+            "in_use": _jemalloc_stat("stats.allocated"),
+            "resident": _jemalloc_stat("stats.resident"),
+        }
     if _LIBC is None or not hasattr(_LIBC, "mallinfo2"):
         return None
     info = _LIBC.mallinfo2()

@@ -22,7 +22,7 @@ from workers.ml import adapters, general, loading, losses, methods, stand_ins
 from workers.ml.answers import AnswerCheck
 from workers.ml.data import encode_all, rare_token_weights, value_token_weights
 from workers.ml.lean_lora import keep_inputs_16bit, sum_in_place
-from workers.ml.memwatch import PeakRSS, tune_heap
+from workers.ml.memwatch import PeakRSS, allocator, tune_heap
 from workers.ml.specs import JobSpec, for_batched_job
 from workers.ml.training import CancelFn, Datasets, ProgressFn, runs, train
 from workers.ml.trunk import frozen_trunk, trunk_record
@@ -213,6 +213,7 @@ def _run(
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
             "cpu": loading.cpu_description(),
+            "allocator": allocator(),  # glibc or jemalloc: moves the peak (workers/allocator.py)
             "attention": loading.attention_of(model),
             "shared_prefix": losses.shared_prefix_used(model),
             "lean_lora_layers": lean_layers,
