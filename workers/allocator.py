@@ -52,17 +52,11 @@ def reexec_under_jemalloc() -> None:
     """Replace this process with itself under jemalloc, once, when jemalloc is installed
     and not already loaded; otherwise return. Call it first thing in a command that runs
     jobs in this process or its forks."""
+    from workers.ml.memwatch import jemalloc_serves  # cheap: no torch
+
     env = with_jemalloc(os.environ)
-    if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD") or _loaded():
+    if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD") or jemalloc_serves():
         return
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
-
-
-def _loaded() -> bool:
-    try:
-        with open("/proc/self/maps") as fh:
-            return "libjemalloc" in fh.read()
-    except OSError:
-        return False

@@ -50,9 +50,9 @@ def _jemalloc() -> ctypes.CDLL | None:
 
 
 _JEMALLOC = _jemalloc()
-# glibc's heap, when it serves malloc and its tuning is on (UNLEARN_HEAP_TUNING=0: off)
-_TUNING = os.environ.get("UNLEARN_HEAP_TUNING", "1") != "0"
-_LIBC = _glibc() if _JEMALLOC is None and _TUNING else None
+_GLIBC = None if _JEMALLOC is not None else _glibc()  # its heap serves malloc
+# glibc's heap settings and trim are on unless UNLEARN_HEAP_TUNING=0
+_LIBC = _GLIBC if os.environ.get("UNLEARN_HEAP_TUNING", "1") != "0" else None
 
 
 def allocator() -> str:
@@ -62,7 +62,11 @@ def allocator() -> str:
         size = ctypes.c_size_t(ctypes.sizeof(version))
         _JEMALLOC.mallctl(b"version", ctypes.byref(version), ctypes.byref(size), None, 0)
         return f"jemalloc {(version.value or b'').decode().split('-')[0]}".strip()
-    return "glibc" if _glibc() is not None else "other"
+    return "glibc" if _GLIBC is not None else "other"
+
+
+def jemalloc_serves() -> bool:
+    return _JEMALLOC is not None
 
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
