@@ -611,6 +611,85 @@ def test_separate_backward_passes_give_the_joint_losses_gradient(tiny_target, na
     assert any(g.abs().sum() > 0 for g in split)
 
 
+def test_passes_cut_a_batch_into_its_row_groups_as_collated_alone():
+    from workers.ml.data import Encoded, collate, mark_passes, passes
+
+    rows = [Encoded([1, 2, 3], [-100, 2, 3]), Encoded([4, 5], [-100, 5])]
+    rows.append(Encoded([6, 7, 8, 9, 10, 11], [-100, -100, 8, 9, 10, 11]))
+    batch = collate(rows, [0, 1, 2], pad_id=0)
+    assert passes(batch) == [batch]  # unmarked: one pass
+    first, second = passes(mark_passes(batch, [2, 1]))
+    for got, want in ((first, collate(rows, [0, 1], 0)), (second, collate(rows, [2], 0))):
+        assert got.keys() == want.keys()  # the marker is not passed on
+        assert all(torch.equal(got[k], want[k]) for k in want)  # cut to its own width
+    with pytest.raises(ValueError, match="do not cover"):
+        mark_passes(batch, [2, 2])
+
+
+@pytest.mark.parametrize("kind", ["kl", "nll"])
+def test_a_retain_batch_run_in_passes_gives_the_whole_batchs_loss_and_gradient(tiny_target, kind):
+    """The loop runs the general question of a retain batch in a pass of its own (less
+    padding and fewer activations alive at once): the loss is still the mean over every
+    target token of the batch, and the gradient the whole batch's."""
+    from peft import LoraConfig, get_peft_model
+
+    from workers.ml.data import collate, encode_all, mark_passes
+    from workers.ml.losses import retain_loss
+
+    base, tok = loading.load(loading.resolve(tiny_target), loading.pick_placement("cpu"))
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():  # B = 0: the KL and its gradient would be 0 at the start
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    spec = JobSpec(forget=FORGET, method={"name": "simnpo", "retain_loss": kind}).method
+    method = methods.build(spec)
+    longer = {"prompt": "What is the capital of France?", "completion": "Paris. " * 12}
+    encoded = encode_all(tok, [*RETAIN[:4], longer], 128)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    whole = collate(encoded, [0, 1, 2, 3, 4], tok.pad_token_id)
+    model.zero_grad()
+    loss, _ = method.retain_backward(model, whole)
+    joint = [p.grad.clone() for p in params]
+
+    split = mark_passes(collate(encoded, [0, 1, 2, 3, 4], tok.pad_token_id), [4, 1])
+    model.zero_grad()
+    parts, logs = method.retain_backward(model, split)
+    separate = [p.grad.clone() for p in params]
+    assert torch.allclose(parts, loss, rtol=1e-5)
+    assert logs["retain_loss"] == pytest.approx(loss.item() / spec.alpha, rel=1e-5)
+    assert retain_loss(model, split, kind).item() == pytest.approx(
+        float(loss) / spec.alpha, rel=1e-5
+    )
+    assert all(
+        torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(joint, separate, strict=True)
+    )
+    assert any(g.abs().sum() > 0 for g in separate)
+
+
+def test_a_retain_batch_with_a_general_question_runs_it_in_a_pass_of_its_own(
+    tiny_target, tmp_path, monkeypatch
+):
+    from workers.ml.data import passes
+    from workers.ml.methods.base import Method
+
+    seen: list[list[int]] = []
+    original = Method.retain_backward
+
+    def spy(self, model, retain, scale=1.0):
+        seen.append([int(g["input_ids"].shape[0]) for g in passes(retain)])
+        return original(self, model, retain, scale)
+
+    monkeypatch.setattr(Method, "retain_backward", spy)
+    run_job(spec_for(tiny_target, "simnpo", max_steps=3, general_retain=4), tmp_path / "g")
+    assert seen == [[2, 1]] * 3  # the caller's rows (retain_batch_size 2), then the question
+    seen.clear()
+    run_job(spec_for(tiny_target, "simnpo", max_steps=3), tmp_path / "plain")
+    assert seen == [[2]] * 3
+
+
 def test_exact_flags_say_whether_the_greedy_answer_is_the_target(tiny_target):
     """`sequence_logp_exact` reads from one teacher-forced pass what a greedy decode
     would answer: the flag is true exactly when the decode reproduces the target."""

@@ -168,6 +168,37 @@ def collate(
     return batch
 
 
+def mark_passes(batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+    """Ask for `batch` to be run as consecutive groups of `rows` rows, one pass each (the
+    retain loss stays the mean over the whole batch's target tokens)."""
+    if sum(rows) != batch["input_ids"].shape[0]:
+        raise ValueError(
+            f"passes of {rows} rows do not cover a batch of {batch['input_ids'].shape[0]}"
+        )
+    batch["passes"] = torch.tensor(rows, dtype=torch.long)
+    return batch
+
+
+def passes(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The batch's passes (`mark_passes`; the whole batch when unmarked), each cut to its
+    own longest row: right padding, so the same tokens at the same positions."""
+    if "passes" not in batch:
+        return [batch]
+    out, start = [], 0
+    for n in batch["passes"].tolist():
+        rows = slice(start, start + n)
+        width = int(batch["attention_mask"][rows].sum(dim=1).max())
+        out.append(
+            {
+                k: v[rows, :width] if v.dim() == 2 else v[rows]
+                for k, v in batch.items()
+                if k != "passes"
+            }
+        )
+        start += n
+    return out
+
+
 class BatchOrder:
     """Batch `k` of a dataset of `n` items: epochs are seeded permutations, so the order
     is a pure function of (seed, k) and a resumed run sees the same batches."""

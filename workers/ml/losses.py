@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.ml import trunk as trunks
-from workers.ml.data import IGNORE
+from workers.ml.data import IGNORE, passes
 
 _NO_KEEP: set[tuple[type, type]] = set()  # _kind()s that ignore or refuse boolean logits_to_keep
 # (_kind(), compute dtype) -> its shared-prefix forward checked
@@ -420,15 +420,46 @@ class _RowKL(torch.autograd.Function):
         return out, None
 
 
+def _kl_rows(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """KL(p || p_ref) at each target position [N]."""
+    with torch.no_grad(), model.disable_adapter():
+        ref = F.log_softmax(kept_logits(model, batch)[0].float(), dim=-1)
+    return _RowKL.apply(kept_logits(model, batch)[0], ref)
+
+
 def kl_to_reference(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """KL(p || p_ref) on the target positions, the reference being the network with the
     adapter switched off (no second copy of the model)."""
-    with torch.no_grad(), model.disable_adapter():
-        ref = F.log_softmax(kept_logits(model, batch)[0].float(), dim=-1)
-    return _RowKL.apply(kept_logits(model, batch)[0], ref).mean()
+    return _kl_rows(model, batch).mean()
+
+
+def retain_count(batch: dict[str, torch.Tensor], kind: str) -> float:
+    """What the retain loss of `batch` is the mean over: its target tokens (for NLL their
+    weights' sum when the batch has weights)."""
+    keep = _keep_mask(batch["labels"])
+    if kind == "nll" and "weights" in batch:
+        return float(batch["weights"][:, 1:][keep[:, :-1]].sum())
+    return float(keep.sum())
+
+
+def retain_sum(model: Any, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """The retain loss summed over the target tokens of `batch` (`retain_count` of them):
+    one pass of a batch run in several (`data.passes`)."""
+    if kind == "nll":
+        logp, _, weights = target_logprobs(model, batch)
+        return -(logp * weights).sum()
+    return _kl_rows(model, batch).sum()
 
 
 def retain_loss(model: Any, batch: dict[str, torch.Tensor] | None, kind: str) -> torch.Tensor:
+    """NLL or KL retain loss: the mean over the batch's target tokens, pass by pass when
+    the batch is marked for several (the value is the same; nothing is back-propagated
+    between them here: `Method.retain_backward` does that)."""
     if batch is None:
         return torch.zeros((), device=next(model.parameters()).device)
-    return mean_nll(model, batch) if kind == "nll" else kl_to_reference(model, batch)
+    groups = passes(batch)
+    if len(groups) == 1:
+        return mean_nll(model, groups[0]) if kind == "nll" else kl_to_reference(model, groups[0])
+    count = sum(retain_count(g, kind) for g in groups)
+    total = torch.stack([retain_sum(model, g, kind) for g in groups]).sum()
+    return total / max(count, 1e-6)

@@ -32,7 +32,7 @@ import torch
 from workers.ml import landing
 from workers.ml import trunk as trunks
 from workers.ml.answers import AnswerCheck
-from workers.ml.data import BatchOrder, Encoded, collate
+from workers.ml.data import BatchOrder, Encoded, collate, mark_passes
 from workers.ml.losses import (
     logp_and_entropy,
     reusing_prefix,
@@ -728,9 +728,13 @@ def train(
             if focus_order is not None:
                 pool = focus_pool(data)
                 r_idx = [pool[j] for j in focus_order.batch(k)] + r_idx
+            own_rows = len(r_idx)
             if general_rows is not None:
                 r_idx += [data.own_retain + j for j in general_rows.batch(k)]
             retain = collate(data.retain, r_idx, pad_id) if r_idx else None
+            if retain is not None and 0 < own_rows < len(r_idx):
+                # the general row in a pass of its own (docs/engine.md, "Memory")
+                mark_passes(retain, [own_rows, len(r_idx) - own_rows])
             if paused and retain is not None:  # repairing, the forget side at its level
                 loss, parts = method.retain_backward(model, retain, scale=1 / spec.grad_accum)
                 tokens += int(retain["attention_mask"].sum())
