@@ -110,12 +110,13 @@ class Method:
         # activations alive, none padded to another group's longest row
         kind = self.spec.retain_loss
         count = max(sum(retain_count(g, kind) for g in groups), 1e-6)
-        total = torch.zeros(())
+        parts = []
         for group in groups:
             part = retain_sum(model, group, kind) / count
             (scale * self.spec.alpha * part).backward()
-            total = total + part.detach().cpu()
-        return self.spec.alpha * total, {"retain_loss": total.item()}
+            parts.append(part.detach())
+        keep = torch.stack(parts).sum()
+        return self.spec.alpha * keep, {"retain_loss": keep.item()}
 
 
 REGISTRY: dict[str, type[Method]] = {}
