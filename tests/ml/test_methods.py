@@ -669,7 +669,7 @@ def test_a_retain_batch_run_in_passes_gives_the_whole_batchs_loss_and_gradient(t
     assert any(g.abs().sum() > 0 for g in separate)
 
 
-def test_a_retain_batch_with_a_general_question_runs_it_in_a_pass_of_its_own(
+def test_general_own_pass_runs_a_retain_batchs_general_question_in_a_pass_of_its_own(
     tiny_target, tmp_path, monkeypatch
 ):
     from workers.ml.data import passes
@@ -683,11 +683,15 @@ def test_a_retain_batch_with_a_general_question_runs_it_in_a_pass_of_its_own(
         return original(self, model, retain, scale)
 
     monkeypatch.setattr(Method, "retain_backward", spy)
-    run_job(spec_for(tiny_target, "simnpo", max_steps=3, general_retain=4), tmp_path / "g")
+    own = {"general_retain": 4, "general_own_pass": True}
+    run_job(spec_for(tiny_target, "simnpo", max_steps=3, **own), tmp_path / "g")
     assert seen == [[2, 1]] * 3  # the caller's rows (retain_batch_size 2), then the question
     seen.clear()
-    run_job(spec_for(tiny_target, "simnpo", max_steps=3), tmp_path / "plain")
-    assert seen == [[2]] * 3
+    run_job(spec_for(tiny_target, "simnpo", max_steps=3, general_retain=4), tmp_path / "joint")
+    assert seen == [[3]] * 3  # the default: one pass
+    seen.clear()
+    run_job(spec_for(tiny_target, "simnpo", max_steps=3, general_own_pass=True), tmp_path / "p")
+    assert seen == [[2]] * 3  # no general question: nothing to split
 
 
 def test_exact_flags_say_whether_the_greedy_answer_is_the_target(tiny_target):

@@ -732,7 +732,7 @@ def train(
             if general_rows is not None:
                 r_idx += [data.own_retain + j for j in general_rows.batch(k)]
             retain = collate(data.retain, r_idx, pad_id) if r_idx else None
-            if retain is not None and 0 < own_rows < len(r_idx):
+            if spec.general_own_pass and retain is not None and 0 < own_rows < len(r_idx):
                 # the general row in a pass of its own (docs/engine.md, "Memory")
                 mark_passes(retain, [own_rows, len(r_idx) - own_rows])
             if paused and retain is not None:  # repairing, the forget side at its level
