@@ -433,7 +433,7 @@ def kl_to_reference(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return _kl_rows(model, batch).mean()
 
 
-def retain_count(batch: dict[str, torch.Tensor], kind: str) -> float:
+def _retain_count(batch: dict[str, torch.Tensor], kind: str) -> float:
     """What the retain loss of `batch` is the mean over: its target tokens (for NLL their
     weights' sum when the batch has weights)."""
     keep = _keep_mask(batch["labels"])
@@ -442,24 +442,33 @@ def retain_count(batch: dict[str, torch.Tensor], kind: str) -> float:
     return float(keep.sum())
 
 
-def retain_sum(model: Any, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
-    """The retain loss summed over the target tokens of `batch` (`retain_count` of them):
-    one pass of a batch run in several (`data.passes`)."""
+def _retain_sum(model: Any, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """The retain loss summed over the target tokens of `batch`."""
     if kind == "nll":
         logp, _, weights = target_logprobs(model, batch)
         return -(logp * weights).sum()
     return _kl_rows(model, batch).sum()
 
 
-def retain_loss(model: Any, batch: dict[str, torch.Tensor] | None, kind: str) -> torch.Tensor:
-    """NLL or KL retain loss: the mean over the batch's target tokens, pass by pass when
-    the batch is marked for several (the value is the same; nothing is back-propagated
-    between them here: `Method.retain_backward` does that)."""
-    if batch is None:
-        return torch.zeros((), device=next(model.parameters()).device)
+def retain_parts(model: Any, batch: dict[str, torch.Tensor], kind: str) -> Iterator[torch.Tensor]:
+    """The NLL or KL retain loss (the mean over the batch's target tokens) as the shares
+    of its passes (`data.passes`), each computed only when asked for: they add up to the
+    loss, and a caller may back-propagate one before the next runs. An unmarked batch is
+    one share, the loss itself."""
     groups = passes(batch)
     if len(groups) == 1:
-        return mean_nll(model, groups[0]) if kind == "nll" else kl_to_reference(model, groups[0])
-    count = sum(retain_count(g, kind) for g in groups)
-    total = torch.stack([retain_sum(model, g, kind) for g in groups]).sum()
-    return total / max(count, 1e-6)
+        yield mean_nll(model, batch) if kind == "nll" else kl_to_reference(model, batch)
+        return
+    count = max(sum(_retain_count(g, kind) for g in groups), 1e-6)
+    for group in groups:
+        yield _retain_sum(model, group, kind) / count
+
+
+def retain_loss(model: Any, batch: dict[str, torch.Tensor] | None, kind: str) -> torch.Tensor:
+    """NLL or KL retain loss: the mean over the batch's target tokens (0 without a batch),
+    every pass's graph alive at once (`Method.retain_backward` back-propagates them in
+    turn)."""
+    if batch is None:
+        return torch.zeros((), device=next(model.parameters()).device)
+    parts = list(retain_parts(model, batch, kind))
+    return torch.stack(parts).sum()  # one pass: the loss itself, exactly

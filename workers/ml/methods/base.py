@@ -13,8 +13,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel
 
-from workers.ml.data import passes
-from workers.ml.losses import retain_count, retain_loss, retain_sum
+from workers.ml.losses import retain_loss, retain_parts
 
 Batch = dict[str, torch.Tensor]
 
@@ -101,18 +100,10 @@ class Method:
         """Back-propagate `scale` x the retain part alone (alpha x the retain loss): the
         second pass of a separable loss, and a paused step's whole work (it repairs
         without pushing the forget items any further)."""
-        groups = passes(retain)
-        if len(groups) == 1:
-            keep = self.retain_term(model, retain)
-            (scale * self.spec.alpha * keep).backward()
-            return self.spec.alpha * keep.detach(), {"retain_loss": keep.item()}
-        # one pass per group, each back-propagated before the next runs: only one group's
-        # activations alive, none padded to another group's longest row
-        kind = self.spec.retain_loss
-        count = max(sum(retain_count(g, kind) for g in groups), 1e-6)
+        # pass by pass, each back-propagated before the next runs (data.passes): only one
+        # pass's activations alive, none padded to another pass's longest row
         parts = []
-        for group in groups:
-            part = retain_sum(model, group, kind) / count
+        for part in retain_parts(model, retain, self.spec.retain_loss):
             (scale * self.spec.alpha * part).backward()
             parts.append(part.detach())
         keep = torch.stack(parts).sum()
