@@ -19,6 +19,9 @@ from workers.ml.specs import JobSpec
 
 
 def live_tensor_bytes() -> int:
+    # unreachable tensors of earlier tests would otherwise count until a collection
+    # happens to run between two readings (then "after" reads less than "before")
+    gc.collect()
     seen: set[tuple[int, int]] = set()
     total = 0
     for obj in gc.get_objects():
