@@ -405,3 +405,20 @@ def test_the_output_head_runs_its_rows_as_one_product_so_a_frozen_model_copies_n
             every = model(input_ids=ids, attention_mask=mask).logits
         assert last.shape == (rows, 1, every.shape[-1])
         assert torch.allclose(last[:, -1], every[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_copy_of_a_loaded_model_computes_its_head_with_its_own_weight(tiny_target):
+    """The flattening head is a class (`loading.FlatHead`), not a forward bound to one
+    instance: a deep copy's head reads the copy's weight, and the model still pickles."""
+    import pickle
+
+    model, _ = loading.load(loading.resolve(tiny_target), loading.pick_placement("cpu"))
+    twin = copy.deepcopy(model)
+    head, twin_head = model.get_output_embeddings(), twin.get_output_embeddings()
+    assert isinstance(head, loading.FlatHead) and isinstance(twin_head, loading.FlatHead)
+    x = torch.randn(2, 1, head.in_features)
+    with torch.no_grad():
+        before = head(x)
+        twin_head.weight.mul_(2)
+        assert torch.equal(head(x), before) and not torch.equal(twin_head(x), before)
+    assert isinstance(pickle.loads(pickle.dumps(twin)).get_output_embeddings(), loading.FlatHead)

@@ -264,19 +264,20 @@ def fold_head_inputs(model: Any) -> None:
     ~0.1 s, three times a training step. Flattened to `[rows, hidden]` the head runs one
     plain product, the same kernel the folded path runs: the same logits."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, torch.nn.Linear):
-        head.forward = _flat_forward(head)  # type: ignore[method-assign]  # this head only
+    if type(head) is torch.nn.Linear:
+        # the class, not a bound forward: copies and pickles of the model stay right
+        head.__class__ = FlatHead
 
 
-def _flat_forward(head: torch.nn.Linear) -> Any:
-    def forward(x: torch.Tensor) -> torch.Tensor:
+class FlatHead(torch.nn.Linear):
+    """A linear output head that runs any input as one `[rows, hidden]` product."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() <= 2:
-            return F.linear(x, head.weight, head.bias)
+            return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1]).contiguous()  # a slice of the last positions
-        flat = F.linear(rows, head.weight, head.bias)
+        flat = F.linear(rows, self.weight, self.bias)
         return flat.view(*x.shape[:-1], flat.shape[-1])
-
-    return forward
 
 
 # An operator's choice of attention kernel for every model this process loads
