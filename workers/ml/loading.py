@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import (
     MODEL_FOR_CAUSAL_LM_MAPPING,
@@ -262,7 +261,7 @@ def fold_head_inputs(model: Any) -> None:
     GiB transient copy and 2.3 s instead of 21 ms (every greedy decode's first pass); for
     one row (a batch's shared prefix, run alone for its keys and values) a 57 MB copy and
     ~0.1 s, three times a training step. Flattened to `[rows, hidden]` the head runs one
-    plain product, the same kernel the folded path runs: the same logits."""
+    plain product: for several rows the one the folded path ran, so the same logits."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is torch.nn.Linear:
         # the class, not a bound forward: copies and pickles of the model stay right
@@ -274,10 +273,9 @@ class FlatHead(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() <= 2:
-            return F.linear(x, self.weight, self.bias)
+            return super().forward(x)
         rows = x.reshape(-1, x.shape[-1]).contiguous()  # a slice of the last positions
-        flat = F.linear(rows, self.weight, self.bias)
-        return flat.view(*x.shape[:-1], flat.shape[-1])
+        return super().forward(rows).unflatten(0, x.shape[:-1])
 
 
 # An operator's choice of attention kernel for every model this process loads
