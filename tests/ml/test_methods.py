@@ -1380,6 +1380,48 @@ def test_general_items_are_the_models_greedy_answers(tiny_target):
     assert general.reference_items(model, tok, 0) == []
 
 
+def test_a_job_on_a_model_seen_before_reads_the_general_answers_from_the_cache(
+    tiny_target, tmp_path
+):
+    cache = tmp_path / "models"
+    spec = spec_for(tiny_target, "simnpo", max_steps=2, general_retain=6).model_copy(
+        update={"model_cache": str(cache)}
+    )
+    first = run_job(spec, tmp_path / "first")
+    second = run_job(spec, tmp_path / "second")
+    assert first.record["environment"]["general_answers_cached"] is False
+    assert second.record["environment"]["general_answers_cached"] is True
+    assert second.record["items"]["general_retain"] == first.record["items"]["general_retain"]
+    wa, wb = _adapter(first.adapter_dir), _adapter(second.adapter_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the same answers: the same run
+    (saved,) = (cache / general.CACHE_FOLDER).glob("*.json")
+
+    saved.write_text('{"answers": ["cut off')  # a torn or corrupt file: decoded again
+    again = run_job(spec, tmp_path / "again")
+    assert again.record["environment"]["general_answers_cached"] is False
+    wc = _adapter(again.adapter_dir)
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    assert general._read_answers(saved, 6) is not None  # and written back whole
+
+    # the model as loaded differs (a chain's previous version): its own answers
+    chained = spec.model_copy(update={"previous_adapter": str(first.adapter_dir)})
+    v2 = run_job(chained, tmp_path / "v2").record
+    assert v2["environment"]["general_answers_cached"] is False
+    assert len(list((cache / general.CACHE_FOLDER).glob("*.json"))) == 2
+
+
+def test_the_general_answers_cache_key_follows_the_model_and_the_questions(tiny_target, tmp_path):
+    model, tok = loading.load(loading.resolve(tiny_target), loading.pick_placement("cpu"))
+    identity = {"weights": "sha256:aa", "dtype": "torch.float32"}
+    items, hit = general.cached_reference_items(model, tok, 5, tmp_path, identity)
+    assert not hit and items == general.reference_items(model, tok, 5)  # the decode's own
+    assert general.cached_reference_items(model, tok, 5, tmp_path, identity) == (items, True)
+    key = general.cache_key(identity, 5)
+    assert key != general.cache_key({**identity, "dtype": "torch.bfloat16"}, 5)
+    assert key != general.cache_key(identity, 4)
+    assert general.cached_reference_items(model, tok, 0, tmp_path, identity) == ([], False)
+
+
 def test_general_items_add_one_row_to_each_retain_batch_and_stay_out_of_the_guard():
     from workers.ml.training import Datasets, general_order, retain_orders, spread
 

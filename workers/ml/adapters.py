@@ -18,6 +18,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def folder_digests(folder: Path) -> dict[str, str]:
+    """{file name: sha256} of the files of an adapter folder."""
+    return {f.name: file_sha256(f) for f in sorted(folder.iterdir()) if f.is_file()}
+
+
 def save(model: Any, folder: Path, *, base_name: str) -> dict[str, str]:
     """Save the trained adapter to `folder` (written beside it, then renamed, so a
     reader never sees half a folder); returns {file name: sha256}."""
@@ -32,4 +37,4 @@ def save(model: Any, folder: Path, *, base_name: str) -> dict[str, str]:
         raise RuntimeError(f"PEFT did not write {missing}")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
-    return {f.name: file_sha256(f) for f in sorted(folder.iterdir()) if f.is_file()}
+    return folder_digests(folder)

@@ -153,6 +153,18 @@ def folder_digest(folder: Path) -> str:
     return digest
 
 
+def companion_digest(folder: Path) -> str:
+    """sha256 over (name, sha256(file)) of the folder's other files (config, tokenizer,
+    chat template, generation settings): what decides a model's answers besides its
+    weights."""
+    weights = {f.name for f in _weight_files(folder)} | {DIGEST_FILE}
+    outer = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name not in weights and not f.name.startswith("."):
+            outer.update(f"{f.name}:{hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
+    return f"sha256:{outer.hexdigest()}"
+
+
 @contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,27 @@ def _wrap_with_lora(model: Any, spec: Any, previous: str | None) -> Any:
     return get_peft_model(model, config)
 
 
+def model_identity(
+    resolved: loading.ResolvedModel, placement: Any, model: Any, previous: str | None
+) -> dict[str, Any]:
+    """What decides the greedy answers of `model` as this run loaded it: the files (the
+    base's weights and tokenizer, the previous adapter's) and how it computes (device,
+    dtype, kernel, CPU, threads, libraries: each may round differently)."""
+    device = placement.device
+    return {
+        "weights": resolved.digest,
+        "companions": loading.companion_digest(resolved.path),
+        "previous_adapter": adapters.folder_digests(Path(previous)) if previous else None,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "dtype": str(placement.dtype),
+        "attention": loading.attention_of(model),
+        "cpu": loading.cpu_description(),
+        "threads": torch.get_num_threads(),
+        "libraries": [torch.__version__, transformers.__version__, peft.__version__],
+    }
+
+
 def lora_target_args(model: Any, count: int | None, targets: str | list[str]) -> dict[str, Any]:
     """PEFT's target arguments, restricted to the top `count` blocks when given."""
     total = getattr(model.config, "num_hidden_layers", None)
@@ -131,7 +152,13 @@ def _run(
     forget = [i.plain() for i in spec.forget]
     t_general = time.perf_counter()
     # After the caller's retain items, so their indices (neighbours, the guard) stay.
-    general_items = general.reference_items(model, tok, m.general_retain)
+    general_items, general_cached = general.cached_reference_items(
+        model,
+        tok,
+        m.general_retain,
+        Path(spec.model_cache) if spec.model_cache else loading.DEFAULT_CACHE,
+        model_identity(resolved, placement, model, spec.previous_adapter),
+    )
     retain = [i.plain() for i in spec.retain] + general_items
     general_s = time.perf_counter() - t_general
     # The stop rule and SimNPO's delta="holdout" compare with data the model never saw:
@@ -219,6 +246,8 @@ def _run(
             "lean_lora_layers": lean_layers,
             "summed_lora_layers": summed_layers,
             "trunk": trunk_record(trunk, losses.trunk_paths(model)),
+            # the general items' answers read from the model cache, or decoded here
+            "general_answers_cached": general_cached,
         },
         "durations_s": {
             "load": t_loaded - t0,  # of it, the general items' answers:
