@@ -1420,6 +1420,10 @@ def test_the_general_answers_cache_key_follows_the_model_and_the_questions(tiny_
     assert key != general.cache_key({**identity, "dtype": "torch.bfloat16"}, 5)
     assert key != general.cache_key(identity, 4)
     assert general.cached_reference_items(model, tok, 0, tmp_path, identity) == ([], False)
+    blocked = tmp_path / "a-file"  # a cache that cannot be written: decoded every time
+    blocked.write_text("")
+    assert general.cached_reference_items(model, tok, 5, blocked, identity) == (items, False)
+    assert general.cached_reference_items(model, tok, 5, blocked, identity) == (items, False)
 
 
 def test_general_items_add_one_row_to_each_retain_batch_and_stay_out_of_the_guard():

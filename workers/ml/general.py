@@ -55,7 +55,11 @@ def reference_items(model: Any, tok: Any, count: int) -> list[dict[str, str]]:
     asked = questions()[:count]
     if not asked:
         return []
-    answers = greedy_answers(model, tok, asked, max_new_tokens=ANSWER_TOKENS)
+    return _items(asked, greedy_answers(model, tok, asked, max_new_tokens=ANSWER_TOKENS))
+
+
+def _items(asked: list[str], answers: list[str]) -> list[dict[str, str]]:
+    """QA items of the questions and their answers, those with an empty answer left out."""
     return [{"prompt": q, "completion": a} for q, a in zip(asked, answers, strict=True) if a]
 
 
@@ -87,6 +91,7 @@ def _read_answers(path: Path, count: int) -> list[str] | None:
 def _write_answers(path: Path, answers: list[str], identity: dict[str, Any]) -> None:
     """Write beside the file, then rename: a reader never sees half of it. A cache that
     cannot be written (a read-only volume) only costs the next job the decode."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
@@ -95,6 +100,8 @@ def _write_answers(path: Path, answers: list[str], identity: dict[str, Any]) -> 
         os.replace(tmp, path)
     except OSError as exc:
         log.warning("general answers not cached in %s: %s", path.parent, exc)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def cached_reference_items(
@@ -111,5 +118,4 @@ def cached_reference_items(
     if answers is None:
         answers = greedy_answers(model, tok, asked, max_new_tokens=ANSWER_TOKENS)
         _write_answers(path, answers, identity)
-    items = [{"prompt": q, "completion": a} for q, a in zip(asked, answers, strict=True) if a]
-    return items, hit
+    return _items(asked, answers), hit

@@ -153,14 +153,19 @@ def folder_digest(folder: Path) -> str:
     return digest
 
 
+# Weights in any format: the loader reads safetensors (or .bin), which `folder_digest`
+# covers; a folder's other copies of the weights are not read and need no hashing.
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx"}
+
+
 def companion_digest(folder: Path) -> str:
     """sha256 over (name, sha256(file)) of the folder's other files (config, tokenizer,
     chat template, generation settings): what decides a model's answers besides its
     weights."""
-    weights = {f.name for f in _weight_files(folder)} | {DIGEST_FILE}
     outer = hashlib.sha256()
     for f in sorted(folder.iterdir()):
-        if f.is_file() and f.name not in weights and not f.name.startswith("."):
+        skip = f.suffix in WEIGHT_SUFFIXES or f.name == DIGEST_FILE or f.name.startswith(".")
+        if f.is_file() and not skip:
             outer.update(f"{f.name}:{hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
     return f"sha256:{outer.hexdigest()}"
 
