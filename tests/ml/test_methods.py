@@ -1395,6 +1395,7 @@ def test_a_job_on_a_model_seen_before_reads_the_general_answers_from_the_cache(
     wa, wb = _adapter(first.adapter_dir), _adapter(second.adapter_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the same answers: the same run
     (saved,) = (cache / general.CACHE_FOLDER).glob("*.json")
+    assert saved.stat().st_mode & 0o777 == 0o644  # readable by workers run as other users
 
     saved.write_text('{"answers": ["cut off')  # a torn or corrupt file: decoded again
     again = run_job(spec, tmp_path / "again")

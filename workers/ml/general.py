@@ -95,6 +95,7 @@ def _write_answers(path: Path, answers: list[str], identity: dict[str, Any]) -> 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide it from workers run as other users
         with os.fdopen(fd, "w") as fh:
             json.dump({"identity": identity, "answers": answers}, fh, default=str)
         os.replace(tmp, path)
