@@ -55,7 +55,11 @@ def reference_items(model: Any, tok: Any, count: int) -> list[dict[str, str]]:
     asked = questions()[:count]
     if not asked:
         return []
-    return _items(asked, greedy_answers(model, tok, asked, max_new_tokens=ANSWER_TOKENS))
+    return _items(asked, _decode(model, tok, asked))
+
+
+def _decode(model: Any, tok: Any, asked: list[str]) -> list[str]:
+    return greedy_answers(model, tok, asked, max_new_tokens=ANSWER_TOKENS)
 
 
 def _items(asked: list[str], answers: list[str]) -> list[dict[str, str]]:
@@ -117,6 +121,6 @@ def cached_reference_items(
     answers = _read_answers(path, len(asked))
     hit = answers is not None
     if answers is None:
-        answers = greedy_answers(model, tok, asked, max_new_tokens=ANSWER_TOKENS)
+        answers = _decode(model, tok, asked)
         _write_answers(path, answers, identity)
     return _items(asked, answers), hit

@@ -19,7 +19,7 @@ import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,14 +140,7 @@ def folder_digest(folder: Path) -> str:
             return str(saved["digest"])
     except (OSError, ValueError, KeyError):
         pass
-    outer = hashlib.sha256()
-    for f in files:
-        inner = hashlib.sha256()
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                inner.update(chunk)
-        outer.update(f"{f.name}:{inner.hexdigest()}\n".encode())
-    digest = f"sha256:{outer.hexdigest()}"
+    digest = _files_digest(files)
     with contextlib.suppress(OSError):  # a read-only model folder: hash again next time
         cache.write_text(json.dumps({"stamp": stamp, "digest": digest}))
     return digest
@@ -162,11 +155,25 @@ def companion_digest(folder: Path) -> str:
     """sha256 over (name, sha256(file)) of the folder's other files (config, tokenizer,
     chat template, generation settings): what decides a model's answers besides its
     weights."""
+    return _files_digest(
+        f
+        for f in sorted(folder.iterdir())
+        if f.is_file()
+        and f.suffix not in WEIGHT_SUFFIXES
+        and f.name != DIGEST_FILE
+        and not f.name.startswith(".")
+    )
+
+
+def _files_digest(files: Iterable[Path]) -> str:
+    """sha256 over one "name:sha256(file)" line per file, in order, prefixed "sha256:"."""
     outer = hashlib.sha256()
-    for f in sorted(folder.iterdir()):
-        skip = f.suffix in WEIGHT_SUFFIXES or f.name == DIGEST_FILE or f.name.startswith(".")
-        if f.is_file() and not skip:
-            outer.update(f"{f.name}:{hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
+    for f in files:
+        inner = hashlib.sha256()
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                inner.update(chunk)
+        outer.update(f"{f.name}:{inner.hexdigest()}\n".encode())
     return f"sha256:{outer.hexdigest()}"
 
 
