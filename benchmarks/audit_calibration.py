@@ -79,11 +79,6 @@ def main() -> None:
     ap.add_argument(
         "--job-dtype", help="the jobs' compute dtype when it differs from the audits' (bfloat16)"
     )
-    ap.add_argument(
-        "--job-weights-dtype",
-        help="what the jobs keep the frozen weights in when it differs from their compute "
-        "dtype (bfloat16: the engine's own pick for a float32 job on a CPU)",
-    )
     ap.add_argument("--out", type=Path, help="also append one JSON line per adapter here")
     ap.add_argument("--reports", type=Path, help="also write each full audit here as JSON and HTML")
     ap.add_argument("--seed", type=int, default=7, help="the fictitious people (target) to use")
@@ -125,7 +120,6 @@ def main() -> None:
             holdout=holdout,
             **({"method": method} if method is not None else {}),
             **(place | ({"dtype": args.job_dtype} if args.job_dtype else {})),
-            weights_dtype=args.job_weights_dtype,
         )
         t = time.perf_counter()
         res = run_job(spec, work)
@@ -134,8 +128,7 @@ def main() -> None:
             f"{name}: trained in {time.perf_counter() - t:.0f}s, "
             f"stopped {outcome['stopped']} after {outcome['steps']} steps; training "
             f"{outcome['seconds']:.1f} s (checks {outcome['check_seconds']:.1f} s), job peak "
-            f"{rec['job_peak_rss_bytes'] / 2**30:.3f} GiB, {rec['environment']['dtype']} "
-            f"(weights {rec['environment']['weights_dtype']}), "
+            f"{rec['job_peak_rss_bytes'] / 2**30:.3f} GiB, {rec['environment']['dtype']}, "
             f"attention {rec['environment'].get('attention')}",
             flush=True,
         )
@@ -145,7 +138,6 @@ def main() -> None:
             "training_s": round(outcome["seconds"], 1),
             "check_s": round(outcome["check_seconds"], 1),
             "job_peak_rss_gib": round(rec["job_peak_rss_bytes"] / 2**30, 3),
-            "job_weights_dtype": rec["environment"]["weights_dtype"],
             **{k: outcome[k] for k in ("stopped", "steps", "best_step")},
         }
 

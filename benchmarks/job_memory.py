@@ -44,9 +44,6 @@ MIB = 2**20
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", help="float32 or bfloat16 (default: the engine's pick)")
-    ap.add_argument(
-        "--weights-dtype", help="the frozen weights' dtype (default: the engine's pick)"
-    )
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seed", type=int, default=7, help="the target's people")
     ap.add_argument("--set", nargs="*", default=[], help="method settings, key=json-value")
@@ -60,11 +57,7 @@ def main() -> None:
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     folder, people = target(seed=args.seed)
     spec = first_person_spec(
-        folder,
-        people,
-        {**DEFAULT_METHOD, "max_steps": args.steps, **overrides},
-        dtype=args.dtype,
-        weights_dtype=args.weights_dtype,
+        folder, people, {**DEFAULT_METHOD, "max_steps": args.steps, **overrides}, dtype=args.dtype
     )
     steps: list[int] = []
     work = BENCH_DIR / "job-memory"
@@ -80,8 +73,7 @@ def main() -> None:
         res = run_job(spec, work, progress=after_step)
     rec = res.record
     print(
-        f"{rec['environment']['dtype']} (weights {rec['environment']['weights_dtype']}) "
-        f"{overrides or 'defaults'}: training "
+        f"{rec['environment']['dtype']} {overrides or 'defaults'}: training "
         f"{rec['durations_s']['train']:.1f} s, job peak {rec['job_peak_rss_bytes'] / GIB:.3f} "
         f"GiB (at {mem.peak_at:.1f} s; load took {rec['durations_s']['load']:.1f} s); "
         f"{rec['outcome']['steps']} steps, stopped {rec['outcome']['stopped']}, forget "

@@ -100,10 +100,6 @@ class Settings(BaseSettings):
     # same outcome, BENCHMARKS.md), else float32. The audit always judges in the serving
     # precision (float32 on a CPU).
     train_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # What a job keeps the frozen base weights in. auto: bfloat16 where the job computes
-    # in float32 on a CPU by the automatic choice (half the weights' memory, every product
-    # still float32: docs/engine.md, "Weights kept in bfloat16"), else the compute dtype.
-    train_weights_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # An adapter that fails its audit is retrained with stronger settings this many times
     # before the job fails and the adapter is quarantined.
     audit_retries: int = Field(default=1, ge=0)

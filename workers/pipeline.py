@@ -524,9 +524,6 @@ def _train(
             forget_groups=forget_groups,
             holdout_groups=holdout_groups,
             dtype=None if settings.train_dtype == "auto" else settings.train_dtype,
-            weights_dtype=None
-            if settings.train_weights_dtype == "auto"
-            else settings.train_weights_dtype,
         )
 
         def progress(fraction: float, _logs: dict[str, float]) -> None:

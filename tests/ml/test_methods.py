@@ -756,13 +756,6 @@ REPAIR = {  # gradient ascent that breaks retain answers on the tiny target, gua
 }
 
 
-def scenario(target: str, name: str, **overrides) -> JobSpec:
-    """A repair scenario's job: these were measured in float32, and the toy's dynamics
-    move with any rounding (bfloat16 products, or weights kept in bfloat16 as a CPU job
-    keeps them by default), so the scenarios pin float32 on every CPU."""
-    return spec_for(target, name, **overrides).model_copy(update={"dtype": "float32"})
-
-
 def test_broken_retain_answers_become_the_retain_focus(tiny_target, tmp_path, monkeypatch):
     """Once a check finds guarded answers broken, the focus half of every later retain
     batch is drawn from exactly those items."""
@@ -783,7 +776,7 @@ def test_broken_retain_answers_become_the_retain_focus(tiny_target, tmp_path, mo
 
     monkeypatch.setattr(training, "collate", spy_collate)
     monkeypatch.setattr(training, "scope_metrics", spy_scope)
-    run_job(scenario(tiny_target, "ga", **REPAIR), tmp_path)
+    run_job(spec_for(tiny_target, "ga", **REPAIR), tmp_path)
     first = next(k for k, (kind, ids) in enumerate(log) if kind == "check" and ids)
     broken: set[int] = set()
     for kind, ids in log[first:]:
@@ -796,11 +789,11 @@ def test_broken_retain_answers_become_the_retain_focus(tiny_target, tmp_path, mo
 
 
 def test_a_repairing_run_resumes_bit_for_bit(tiny_target, tmp_path):
-    full = run_job(scenario(tiny_target, "ga", **REPAIR), tmp_path / "full")
+    full = run_job(spec_for(tiny_target, "ga", **REPAIR), tmp_path / "full")
     evals = full.record["outcome"]["evals"]
     assert any(e.get("retain_kept", 1.0) < 1.0 for e in evals)  # the repair did start
 
-    _resume_after_cut(scenario(tiny_target, "ga", **REPAIR), full, tmp_path / "cut", 9, 8)
+    _resume_after_cut(spec_for(tiny_target, "ga", **REPAIR), full, tmp_path / "cut", 9, 8)
 
 
 # simnpo on the tiny target: a guarded answer breaks at step 2 and is given again only
@@ -822,7 +815,7 @@ def test_a_run_at_its_forget_level_while_repairing_pauses_the_forget_push(tiny_t
     level, where pushing on through the repair ends far under it (the overshoot)."""
     runs = {
         pause: run_job(
-            scenario(tiny_target, "simnpo", **PAUSE, repair_pauses_forget=pause),
+            spec_for(tiny_target, "simnpo", **PAUSE, repair_pauses_forget=pause),
             tmp_path / str(pause),
         ).record["outcome"]
         for pause in (True, False)
@@ -844,7 +837,7 @@ def test_a_run_at_its_forget_level_while_repairing_pauses_the_forget_push(tiny_t
 def test_a_run_resumed_while_the_forget_push_is_paused_matches_the_uninterrupted_one(
     tiny_target, tmp_path
 ):
-    spec = scenario(tiny_target, "simnpo", **PAUSE)
+    spec = spec_for(tiny_target, "simnpo", **PAUSE)
     full = run_job(spec, tmp_path / "full")
     assert any(c["step"] == 9 and c.get("forget_paused") for c in full.record["outcome"]["curve"])
     # the checkpoint at step 8 falls inside the pause

@@ -26,8 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from workers.ml.stored import StoredLinear
-
 
 class _UpcastLinear(torch.autograd.Function):
     """F.linear(x.to(weight.dtype), weight), saving x as it came (16-bit)."""
@@ -84,11 +82,8 @@ def keep_inputs_16bit(model: Any) -> int:
     variant (DoRA), dropout or biases keep PEFT's own path."""
     switched = 0
     for module in _plain_layers(model):
-        base = module.get_base_layer()
-        # a stored base (stored.py) computes in float32: its inputs are float32 already
-        if base.weight.dtype not in (torch.bfloat16, torch.float16) or isinstance(
-            base, StoredLinear
-        ):
+        base_dtype = module.get_base_layer().weight.dtype
+        if base_dtype not in (torch.bfloat16, torch.float16):
             continue
         if any(a.weight.dtype != torch.float32 for a in module.lora_A.values()):
             continue

@@ -39,7 +39,6 @@ from transformers import (
 from transformers.utils import logging as transformers_logging
 
 from workers.ml.specs import BUILTIN_MODELS
-from workers.ml.stored import store_weights
 
 transformers_logging.disable_progress_bar()  # workers log structured progress instead
 
@@ -62,41 +61,26 @@ class ResolvedModel:
 @dataclass(frozen=True)
 class Placement:
     device: torch.device
-    dtype: torch.dtype  # what the products compute in
-    # what the frozen linear and embedding weights are kept in (`stored.py`); None: dtype
-    weights_dtype: torch.dtype | None = None
-
-    @property
-    def stores_weights(self) -> bool:
-        return self.weights_dtype is not None and self.weights_dtype != self.dtype
+    dtype: torch.dtype
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_placement(
-    device: str | None = None,
-    dtype: str | None = None,
-    *,
-    training: bool = False,
-    weights_dtype: str | None = None,
+    device: str | None = None, dtype: str | None = None, *, training: bool = False
 ) -> Placement:
     """CUDA with bfloat16 when present, else CPU with float32; either can be forced.
     `training`: an unlearning job on a CPU that multiplies bfloat16 natively also
-    computes in bfloat16 (`cpu_bf16_native`); on any other CPU it computes in float32
-    from frozen weights kept in bfloat16 (`stored.py`: half the weights' memory), unless
-    `dtype` was forced. The audit and serving stay in float32 throughout."""
+    computes in bfloat16 (`cpu_bf16_native`); the audit and serving stay in float32."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    stored = DTYPES[weights_dtype] if weights_dtype else None
     if dtype:
         dt = DTYPES[dtype]
     elif dev.type == "cuda" or (training and cpu_bf16_native()):
         dt = torch.bfloat16
     else:
         dt = torch.float32
-        if training and dev.type == "cpu" and stored is None:
-            stored = torch.bfloat16
-    return Placement(dev, dt, stored)
+    return Placement(dev, dt)
 
 
 def cpu_bf16_native() -> bool:
@@ -288,9 +272,6 @@ def load(
     model.to(placement.device)  # type: ignore[arg-type]  # transformers' stub is too narrow
     use_attention(model, attention_for(placement))
     fold_head_inputs(model)
-    if placement.stores_weights:
-        assert placement.weights_dtype is not None  # stores_weights says so
-        store_weights(model, placement.weights_dtype)
     return model, tokenizer
 
 

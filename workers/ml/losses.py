@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from workers.ml import trunk as trunks
 from workers.ml.data import IGNORE, passes
-from workers.ml.stored import compute_dtype
 
 _NO_KEEP: set[tuple[type, type]] = set()  # _kind()s that ignore or refuse boolean logits_to_keep
 # (_kind(), compute dtype) -> its shared-prefix forward checked
@@ -148,11 +147,7 @@ def _share_key(model: Any) -> tuple[tuple[type, type], torch.dtype]:
 
 
 def _compute_dtype(model: Any) -> torch.dtype:
-    """The dtype of the frozen weights (LoRA weights stay float32 under 16-bit ones), or
-    of their products where they are kept in 16 bits (`stored.py`)."""
-    stored_as = compute_dtype(model)
-    if stored_as is not None:
-        return stored_as
+    """The dtype of the frozen weights (LoRA weights stay float32 under 16-bit ones)."""
     frozen = (p.dtype for p in model.parameters() if not p.requires_grad)
     return next(frozen, next(model.parameters()).dtype)
 

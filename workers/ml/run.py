@@ -66,7 +66,6 @@ def model_identity(
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "dtype": str(placement.dtype),
-        "weights_dtype": str(placement.weights_dtype or placement.dtype),
         "attention": loading.attention_of(model),
         "cpu": loading.cpu_description(),
         "threads": torch.get_num_threads(),
@@ -136,9 +135,7 @@ def _run(
     resolved = loading.resolve(
         spec.model_source, Path(spec.model_cache) if spec.model_cache else None
     )
-    placement = loading.pick_placement(
-        spec.device, spec.dtype, training=True, weights_dtype=spec.weights_dtype
-    )
+    placement = loading.pick_placement(spec.device, spec.dtype, training=True)
     base_model, tok = loading.load(resolved, placement)
     base_bytes = loading.weights_bytes(base_model)
     if m.gradient_checkpointing:
@@ -240,8 +237,6 @@ def _run(
         "environment": {
             "device": str(placement.device),
             "dtype": str(placement.dtype).removeprefix("torch."),
-            # the frozen weights' dtype when it differs (stored.py: float32 products)
-            "weights_dtype": str(placement.weights_dtype or placement.dtype).removeprefix("torch."),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "peft": peft.__version__,

@@ -441,13 +441,6 @@ class JobSpec(BaseModel):
         "bfloat16 on CUDA and on CPUs with bfloat16 instructions (AVX512-BF16, AMX), else "
         "float32",
     )
-    weights_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        default=None,
-        description="dtype the frozen linear and embedding weights are kept in, when it "
-        "differs from `dtype` (each product casts its layer's weight to `dtype` as it "
-        "runs). None: bfloat16 when the job computes in float32 on a CPU by the automatic "
-        "choice (half the weights' memory), else `dtype`",
-    )
     model_cache: str | None = None
 
     @model_validator(mode="after")
