@@ -98,7 +98,7 @@ PHASE_FUNCTIONS: list[tuple[Any, str, str]] = [
     (training, "land", "landing"),
     (training, "answers_clear", "check: greedy answers"),
     (training, "answers_broken", "check: greedy answers"),
-    (general, "reference_items", "general answers"),
+    (general, "_decode", "general answers"),  # the jobs' path: cached_reference_items
 ]
 
 

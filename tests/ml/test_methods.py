@@ -1414,17 +1414,26 @@ def test_a_job_on_a_model_seen_before_reads_the_general_answers_from_the_cache(
 def test_the_general_answers_cache_key_follows_the_model_and_the_questions(tiny_target, tmp_path):
     model, tok = loading.load(loading.resolve(tiny_target), loading.pick_placement("cpu"))
     identity = {"weights": "sha256:aa", "dtype": "torch.float32"}
-    items, hit = general.cached_reference_items(model, tok, 5, tmp_path, identity)
+    items, hit = general.cached_reference_items(model, tok, 5, tmp_path, lambda: identity)
     assert not hit and items == general.reference_items(model, tok, 5)  # the decode's own
-    assert general.cached_reference_items(model, tok, 5, tmp_path, identity) == (items, True)
+    assert general.cached_reference_items(model, tok, 5, tmp_path, lambda: identity) == (
+        items,
+        True,
+    )
     key = general.cache_key(identity, 5)
     assert key != general.cache_key({**identity, "dtype": "torch.bfloat16"}, 5)
     assert key != general.cache_key(identity, 4)
-    assert general.cached_reference_items(model, tok, 0, tmp_path, identity) == ([], False)
+    assert general.cached_reference_items(model, tok, 0, tmp_path, lambda: identity) == ([], False)
     blocked = tmp_path / "a-file"  # a cache that cannot be written: decoded every time
     blocked.write_text("")
-    assert general.cached_reference_items(model, tok, 5, blocked, identity) == (items, False)
-    assert general.cached_reference_items(model, tok, 5, blocked, identity) == (items, False)
+    assert general.cached_reference_items(model, tok, 5, blocked, lambda: identity) == (
+        items,
+        False,
+    )
+    assert general.cached_reference_items(model, tok, 5, blocked, lambda: identity) == (
+        items,
+        False,
+    )
 
 
 def test_general_items_add_one_row_to_each_retain_batch_and_stay_out_of_the_guard():

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -110,13 +111,19 @@ def _write_answers(path: Path, answers: list[str], identity: dict[str, Any]) -> 
 
 
 def cached_reference_items(
-    model: Any, tok: Any, count: int, cache_dir: Path, identity: dict[str, Any]
+    model: Any,
+    tok: Any,
+    count: int,
+    cache_dir: Path,
+    describe: Callable[[], dict[str, Any]],
 ) -> tuple[list[dict[str, str]], bool]:
     """`reference_items`, the answers read from `cache_dir` when a job on the same model
-    (`identity`) decoded them before; returns the items and whether they were cached."""
+    decoded them before; returns the items and whether they were cached. `describe`
+    gives the model's identity, asked only when there are questions (it hashes files)."""
     asked = questions()[:count]
     if not asked:
         return [], False
+    identity = describe()
     path = cache_dir / CACHE_FOLDER / f"{cache_key(identity, len(asked))}.json"
     answers = _read_answers(path, len(asked))
     hit = answers is not None

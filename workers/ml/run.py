@@ -157,10 +157,7 @@ def _run(
         tok,
         m.general_retain,
         Path(spec.model_cache) if spec.model_cache else loading.DEFAULT_CACHE,
-        # hashing files (a chain's adapter too) only for a job that asks the questions
-        model_identity(resolved, placement, model, spec.previous_adapter)
-        if m.general_retain
-        else {},
+        lambda: model_identity(resolved, placement, model, spec.previous_adapter),
     )
     retain = [i.plain() for i in spec.retain] + general_items
     general_s = time.perf_counter() - t_general
